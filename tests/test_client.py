@@ -251,14 +251,6 @@ async def test_streaming_progress_and_size_limit(server):
             await c.decode(lat, output_type="pt", return_type="pt")
 
 
-async def test_token_sent_to_own_origin(server, monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
-    async with Client(server.url) as c:
-        await c.decode(latents(1)[0], **PT_U8)
-        assert "hf_secret_value" not in repr(c)
-    assert server.stats().get("authorized", 1) >= 1
-
-
 def test_config_values_are_immutable_and_checked():
     r = Retry()
     with pytest.raises(AttributeError):
