@@ -227,7 +227,7 @@ async def exchange(
         if held and budget is not None:
             budget.release(held)
         raise
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+    except (TimeoutError, aiohttp.ClientError, OSError) as e:
         if held and budget is not None:
             budget.release(held)
         raise _map_client_error(e, url, in_body=in_body) from e

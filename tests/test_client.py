@@ -61,7 +61,7 @@ async def test_decode_many_chaos_complete_ordered_and_correct(make_server):
         stats = c.stats
     assert len(got) == len(items)
     assert all(isinstance(g, torch.Tensor) for g in got), [g for g in got if not isinstance(g, torch.Tensor)][:3]
-    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=False))
     causes = set(stats.retries)
     assert {"status_503", "status_429", "status_502", "protocol", "timeout"} <= causes, stats.retries
     injected = faulty.stats()["faults"]
@@ -128,7 +128,7 @@ async def test_server_killed_and_restarted_costs_retries_not_items(serve_subproc
         await asyncio.wait_for(task, 120)
     assert len(results) == 300
     assert all(isinstance(r, torch.Tensor) for r in results)
-    assert all(torch.equal(r, e) for r, e in zip(results[:5], expected))
+    assert all(torch.equal(r, e) for r, e in zip(results[:5], expected, strict=False))
     assert sum(c.stats.retries.values()) > 0
 
 
@@ -236,7 +236,7 @@ async def test_coalescing_sends_batches_with_equal_results(make_server):
     async with Client(srv.url, limits=lim) as c:
         merged = await collect(c.decode_many(items, **PT_U8))
         assert c.stats.batches >= 4 and c.stats.requests < 32
-    assert all(torch.equal(a, b) for a, b in zip(plain, merged))
+    assert all(torch.equal(a, b) for a, b in zip(plain, merged, strict=False))
 
 
 async def test_streaming_progress_and_size_limit(server):

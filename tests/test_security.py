@@ -36,7 +36,7 @@ class Recorder:
             raise web.HTTPTemporaryRedirect(self.target + "?" + request.query_string)
         return web.json_response({"error": "nope"}, status=400)
 
-    async def start(self) -> "Recorder":
+    async def start(self) -> Recorder:
         app = web.Application()
         app.router.add_route("POST", "/{tail:.*}", self.handle)
         self.runner = web.AppRunner(app)
