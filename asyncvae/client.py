@@ -63,38 +63,66 @@ REST_MAX = 30.0
 # --------------------------------------------------------------------------- helpers
 
 
+class _Waiters:
+    """FIFO of futures to wake: the small primitive under the budget and the queue."""
+
+    def __init__(self) -> None:
+        self._futs: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._futs)
+
+    async def wait(self) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._futs.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.wake_one()  # we were woken but leave: pass the turn on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._futs.remove(fut)
+            raise
+
+    def wake_one(self) -> None:
+        while self._futs:
+            fut = self._futs.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+
 class _ByteBudget:
-    """``Limits.max_inflight_bytes``: waits for room; one oversize item may pass alone."""
+    """``Limits.max_inflight_bytes``: waits for room (FIFO); one oversize item may pass alone."""
 
     def __init__(self, limit: int, stats: Stats):
         self.limit = limit
         self.used = 0
         self._stats = stats
-        self._cond = asyncio.Condition()
+        self._waiters = _Waiters()
+
+    def _fits(self, n: int) -> bool:
+        return self.used == 0 or self.used + n <= self.limit
 
     async def acquire(self, n: int) -> None:
         if n <= 0:
             return
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
-            self.used += n
-            self._stats._set("inflight_bytes", self.used)
+        while self._waiters or not self._fits(n):
+            await self._waiters.wait()
+            if self._fits(n):
+                break
+        self.used += n
+        self._stats._set("inflight_bytes", self.used)
+        if self._waiters and self.used < self.limit:
+            self._waiters.wake_one()  # room may remain for the next in line
 
     def release(self, n: int) -> None:
         if n <= 0:
             return
         self.used -= n
         self._stats._set("inflight_bytes", self.used)
-        task = asyncio.get_running_loop().create_task(self._notify())
-        _BACKGROUND.add(task)
-        task.add_done_callback(_BACKGROUND.discard)
-
-    async def _notify(self) -> None:
-        async with self._cond:
-            self._cond.notify_all()
-
-
-_BACKGROUND: set[asyncio.Task[Any]] = set()
+        self._waiters.wake_one()
 
 
 @dataclass(eq=False)
@@ -120,50 +148,55 @@ class _WorkQueue:
     def __init__(self, maxsize: int, stats: Stats):
         self.maxsize = maxsize
         self._items: collections.deque[_Job] = collections.deque()
-        self._cond = asyncio.Condition()
+        self._putters = _Waiters()
+        self._getters = _Waiters()
         self._stats = stats
 
     def __len__(self) -> int:
         return len(self._items)
 
+    def _changed(self) -> None:
+        self._stats._set("queued", len(self._items))
+
     async def put(self, job: _Job) -> None:
-        async with self._cond:
-            await self._cond.wait_for(lambda: len(self._items) < self.maxsize)
-            self._items.append(job)
-            self._stats._set("queued", len(self._items))
-            self._cond.notify_all()
+        while len(self._items) >= self.maxsize:
+            await self._putters.wait()
+        self._items.append(job)
+        self._changed()
+        self._getters.wake_one()
 
     def discard(self, job: _Job) -> None:
         try:
             self._items.remove(job)
         except ValueError:
             return
-        self._stats._set("queued", len(self._items))
-        task = asyncio.get_running_loop().create_task(self._notify())
-        _BACKGROUND.add(task)
-        task.add_done_callback(_BACKGROUND.discard)
+        self._changed()
+        self._putters.wake_one()
 
-    async def _notify(self) -> None:
-        async with self._cond:
-            self._cond.notify_all()
+    def clear(self) -> list[_Job]:
+        items = list(self._items)
+        self._items.clear()
+        self._changed()
+        return items
 
     async def get_batch(self, max_batch: int, wait: float) -> list[_Job]:
-        async with self._cond:
-            await self._cond.wait_for(lambda: bool(self._items))
-            head = self._items.popleft()
-            batch = [head]
-            if max_batch > 1 and head.batch_key is not None:
-                deadline = time.monotonic() + wait
-                while True:
-                    self._take_matching(batch, max_batch)
-                    left = deadline - time.monotonic()
-                    if len(batch) >= max_batch or left <= 0:
-                        break
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._cond.wait(), left)
-            self._stats._set("queued", len(self._items))
-            self._cond.notify_all()
-            return batch
+        while not self._items:
+            await self._getters.wait()
+        batch = [self._items.popleft()]
+        if max_batch > 1 and batch[0].batch_key is not None:
+            self._take_matching(batch, max_batch)
+            if len(batch) < max_batch and wait > 0:
+                self._pass_on()
+                await asyncio.sleep(wait)  # let a partial batch fill up once
+                self._take_matching(batch, max_batch)
+        self._pass_on()
+        return batch
+
+    def _pass_on(self) -> None:
+        self._changed()
+        self._putters.wake_one()
+        if self._items:
+            self._getters.wake_one()
 
     def _take_matching(self, batch: list[_Job], max_batch: int) -> None:
         key = batch[0].batch_key
@@ -353,9 +386,8 @@ class Client:
             return
         self._closed = True
         if self._queue is not None:
-            for job in list(self._queue._items):
+            for job in self._queue.clear():
                 job.future.cancel()
-            self._queue._items.clear()
         for w in self._workers:
             w.cancel()
         if self._workers:
