@@ -304,7 +304,14 @@ class Client:
         headers: dict[str, str] | None = None,
         verify: bool | ssl_module.SSLContext = True,
     ) -> None:
-        urls = [endpoints] if isinstance(endpoints, (str, URL)) else list(endpoints)
+        if isinstance(endpoints, (str, URL)):
+            urls: list[Any] = [endpoints]
+        elif isinstance(endpoints, Sequence):
+            urls = list(endpoints)
+        else:
+            raise InputError(
+                f"endpoints must be an http(s) URL string or a list of them, got {type(endpoints).__name__}"
+            )
         if not urls:
             raise InputError("Client needs at least one endpoint URL")
         self.limits = limits if limits is not None else Limits()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import email.utils
 import json
 import math
+import numbers
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -191,15 +192,12 @@ class DecodeOptions:
                 f"processor {type(self.processor).__name__} has neither postprocess() nor "
                 "postprocess_video(); pass a diffusers VaeImageProcessor or VideoProcessor"
             )
-        for name in ("scaling_factor", "shift_factor"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
-                raise InputError(f"{name}={v!r} must be a finite number or None")
+        check_scale(self.scaling_factor, self.shift_factor)
         if (self.height is None) != (self.width is None):
             raise InputError("pass both height and width (in pixels), or neither")
         for name in ("height", "width"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            if v is not None and (not _is_int(v) or v <= 0):
                 raise InputError(f"{name}={v!r} must be a positive int (pixels)")
 
     def params(self, shape: Iterable[int], dtype: str) -> tuple[tuple[str, str], ...]:
@@ -263,9 +261,21 @@ def decode_request(tensor: torch.Tensor, opts: DecodeOptions) -> WireRequest:
     )
 
 
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool) or type(v).__name__ == "bool_"  # numpy.bool_ too
+
+
+def _is_int(v: Any) -> bool:
+    """An integer, numpy's included (``str()`` of it is what goes on the wire)."""
+    return isinstance(v, numbers.Integral) and not _is_bool(v)
+
+
 def check_scale(scaling_factor: Any, shift_factor: Any) -> None:
+    """Scaling and shift factors are finite real numbers (numpy scalars too) or None."""
     for name, v in (("scaling_factor", scaling_factor), ("shift_factor", shift_factor)):
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
+        if v is None:
+            continue
+        if not isinstance(v, numbers.Real) or _is_bool(v) or not math.isfinite(float(v)):
             raise InputError(f"{name}={v!r} must be a finite number or None")
 
 
