@@ -674,28 +674,27 @@ class Client:
             self.stats.coalesced += len(jobs)
         deadlines = [j.deadline for j in jobs if j.deadline is not None]
         deadline = min(deadlines) if deadlines else None
+        try:  # fast path: most calls succeed at the first attempt, without retry bookkeeping
+            return await self._attempt(jobs, req, deadline)
+        except (EndpointError, TransportError, ProtocolError) as e:
+            if not self._retryable(e):
+                raise
+            first = e
+        return await self._retry_loop(jobs, req, deadline, first)
+
+    def _retryable(self, e: BaseException) -> bool:
+        if isinstance(e, EndpointError):
+            return e.status in self.retry.statuses
+        return isinstance(e, (TransportError, ProtocolError)) and e.retryable
+
+    async def _retry_loop(
+        self, jobs: list[_Job], req: WireRequest, deadline: float | None, first: BaseException
+    ) -> tuple[list[Any], list[int]]:
+        """Attempts 2..N under tenacity, after the first attempt failed with ``first``."""
         policy = self.retry
         first_503: list[float] = []
 
-        def retryable(e: BaseException) -> bool:
-            if isinstance(e, EndpointError):
-                return e.status in policy.statuses
-            return isinstance(e, (TransportError, ProtocolError)) and e.retryable
-
-        def wait(rs: RetryCallState) -> float:
-            e = rs.outcome.exception() if rs.outcome else None
-            ra = e.retry_after if isinstance(e, EndpointError) else None
-            w = policy.wait_for(rs.attempt_number, ra, self._rng)
-            if deadline is not None:
-                w = min(w, max(0.0, deadline - time.monotonic()))
-            return w
-
-        def before_sleep(rs: RetryCallState) -> None:
-            e = rs.outcome.exception() if rs.outcome else None
-            self.stats._retry(_cause(e) if e else "unknown", rs.upcoming_sleep)
-
-        def stop(rs: RetryCallState) -> bool:
-            e = rs.outcome.exception() if rs.outcome else None
+        def stop(attempts: int, e: BaseException | None) -> bool:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 return True
@@ -704,10 +703,31 @@ class Client:
                     first_503.append(now)
                 if now - first_503[0] < policy.unavailable_patience:
                     return False
-            return rs.attempt_number >= policy.attempts
+            return attempts >= policy.attempts
 
+        def wait(attempts: int, e: BaseException | None) -> float:
+            ra = e.retry_after if isinstance(e, EndpointError) else None
+            w = policy.wait_for(attempts, ra, self._rng)
+            return w if deadline is None else min(w, max(0.0, deadline - time.monotonic()))
+
+        def exhausted(last: BaseException, attempts: int) -> RetryExhausted:
+            late = deadline is not None and time.monotonic() >= deadline
+            return RetryExhausted(last, attempts, reason="deadline passed" if late else "retries exhausted")
+
+        def outcome(rs: RetryCallState) -> BaseException | None:
+            return rs.outcome.exception() if rs.outcome else None
+
+        if stop(1, first):
+            raise exhausted(first, 1) from first
+        pause = wait(1, first)
+        self.stats._retry(_cause(first), pause)
+        await asyncio.sleep(pause)
         retrying = AsyncRetrying(
-            retry=retry_if_exception(retryable), wait=wait, stop=stop, before_sleep=before_sleep, reraise=False
+            retry=retry_if_exception(self._retryable),
+            stop=lambda rs: stop(rs.attempt_number + 1, outcome(rs)),
+            wait=lambda rs: wait(rs.attempt_number + 1, outcome(rs)),
+            before_sleep=lambda rs: self.stats._retry(_cause(outcome(rs)), rs.upcoming_sleep),
+            reraise=False,
         )
         try:
             async for attempt in retrying:
@@ -716,8 +736,7 @@ class Client:
         except RetryError as e:
             last = e.last_attempt.exception()
             assert last is not None
-            reason = "deadline passed" if deadline is not None and time.monotonic() >= deadline else "retries exhausted"
-            raise RetryExhausted(last, e.last_attempt.attempt_number, reason=reason) from last
+            raise exhausted(last, e.last_attempt.attempt_number + 1) from last
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _pick(self) -> _Endpoint:
