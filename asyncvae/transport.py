@@ -10,6 +10,7 @@ hierarchy with ``retryable`` set, so the retry policy above needs no aiohttp kno
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -73,6 +74,12 @@ def parse_endpoint(endpoint: str) -> URL:
             "'https://xxxx.endpoints.huggingface.cloud/' or 'http://127.0.0.1:8000/'"
         )
     return url
+
+
+@functools.lru_cache(maxsize=256)
+def request_url(url: URL, params: tuple[tuple[str, str], ...]) -> URL:
+    """The endpoint URL with the request's query appended (cached: bulk jobs repeat it)."""
+    return url.extend_query(params) if params else url
 
 
 def _map_client_error(e: BaseException, url: URL, *, in_body: bool) -> Exception:
@@ -160,7 +167,7 @@ async def exchange(
     t0 = time.perf_counter()
     send_headers: dict[str, str] = dict(headers or {})
     send_headers.update(req.headers)
-    target = url
+    target = request_url(url, req.params)
     held = 0
     in_body = False
     try:
@@ -171,7 +178,6 @@ async def exchange(
             skip = () if protocol.HEADER_CONTENT_TYPE in h else (protocol.HEADER_CONTENT_TYPE,)
             async with session.post(
                 target,
-                params=req.params if target is url else None,
                 data=req.body,
                 headers=h,
                 timeout=timeout,
@@ -183,8 +189,8 @@ async def exchange(
                     target = resp.url.join(URL(resp.headers["Location"]))
                     if target.scheme not in ("http", "https"):
                         raise ProtocolError(f"redirect to unsupported URL {target}")
-                    if not target.query and target is not url:
-                        target = target.with_query(req.params)
+                    if not target.query:
+                        target = request_url(target, req.params)
                     continue
                 in_body = True
                 if resp.status >= 300 or resp.status < 200:
