@@ -1,0 +1,4 @@
+"""Adapters for data-processing frameworks (optional extras; nothing is imported here).
+
+- :mod:`asyncvae.integrations.ray`: ``VAEEncode`` for ``ray.data.Dataset.map_batches``.
+"""
