@@ -168,8 +168,8 @@ class Retry(_Value):
 
     @classmethod
     def none(cls) -> Retry:
-        """No retries: every failure surfaces at once."""
-        return cls(attempts=1)
+        """No retries: every failure surfaces at once (503 included)."""
+        return cls(attempts=1, unavailable_patience=0)
 
     def backoff(self, retry_number: int, rng: random.Random | None = None) -> float:
         """Seconds to wait before retry number ``retry_number`` (1 for the first retry)."""

@@ -13,7 +13,7 @@ import warnings
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .errors import ProtocolError
 from .protocol import DecodeOptions, detect_image_type
@@ -32,7 +32,7 @@ def open_image(data: bytes | bytearray | memoryview, *, max_pixels: int | None =
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(bytes(data)))
+            img = Image.open(io.BytesIO(data if isinstance(data, bytes) else bytes(data)))
             if max_pixels is not None and img.width * img.height > max_pixels:
                 raise ProtocolError(
                     f"response image is {img.width}x{img.height}, over the {max_pixels}-pixel limit "
@@ -42,8 +42,10 @@ def open_image(data: bytes | bytearray | memoryview, *, max_pixels: int | None =
     except ProtocolError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # PIL's own message names the BytesIO object, which says nothing to the reader
+        reason = "no image format recognised" if isinstance(e, UnidentifiedImageError) else str(e)
         raise ProtocolError(
-            f"response body ({len(data)} bytes, looks like {kind}) is not a readable image: {e}"
+            f"response body ({len(data)} bytes, looks like {kind}) is not a readable image: {reason}"
         ) from None
     out.format = kind
     return out

@@ -72,8 +72,10 @@ class ProtocolError(AsyncVAEError):
     """The response does not follow the wire protocol (missing or bad ``shape``/``dtype``
     headers, a body of the wrong size, a truncated body, bytes that are not an image).
 
-    ``retryable`` is true where a new attempt can help (a truncated body), false where
-    the server is consistently wrong (an unknown dtype).
+    ``retryable`` is true where a new attempt can help (a truncated body, headers that
+    disagree with the body — a proxy or a replica may do better next time), false where
+    the client refuses the answer whatever happens (over ``max_response_bytes``, bytes
+    that are no image).
     """
 
     def __init__(self, message: str, *, retryable: bool = False):

@@ -93,6 +93,10 @@ def _map_client_error(e: BaseException, url: URL, *, in_body: bool) -> Exception
         )
     if isinstance(e, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         return TransportError(f"timed out {where} from {url.host}:{url.port}", kind="timeout")
+    if isinstance(e, aiohttp.ClientResponseError):
+        # raise_for_status is off, so this comes from the HTTP parser: a malformed answer
+        detail = (e.message or type(e).__name__).splitlines()[0]
+        return ProtocolError(f"malformed HTTP response from {url.host}:{url.port}: {detail}", retryable=True)
     if in_body and isinstance(e, (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)):
         return ProtocolError(f"response body from {url.host}:{url.port} was cut short: {e}", retryable=True)
     if isinstance(e, aiohttp.InvalidURL):
@@ -131,18 +135,22 @@ async def _read_into(
 async def _read_bytes(
     resp: aiohttp.ClientResponse, limit: int, on_progress: ProgressCallback | None, expected: int | None
 ) -> bytes:
-    data = bytearray()
+    chunks: list[bytes] = []
+    got = 0
     async for chunk in resp.content.iter_any():
-        data += chunk
-        if len(data) > limit:
+        got += len(chunk)
+        if got > limit:
             raise ProtocolError(f"response body exceeds the client's max_response_bytes={limit}")
+        chunks.append(chunk)
         if on_progress is not None:
-            on_progress(len(data), expected)
-    if expected is not None and len(data) != expected:
+            on_progress(got, expected)
+    if expected is not None and got != expected:
         raise ProtocolError(
-            f"response body was truncated: got {len(data)} of {expected} bytes", retryable=True
+            f"response body was {'truncated' if got < expected else 'longer than Content-Length'}: "
+            f"got {got} of {expected} bytes",
+            retryable=True,
         )
-    return bytes(data)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)  # one copy at most
 
 
 async def exchange(

@@ -566,8 +566,9 @@ def _load_image(body: bytes, state: ServerState) -> torch.Tensor:
         Image.DecompressionBombError,
     ) as e:
         kind = P.detect_image_type(body)
+        reason = "no image format recognised" if isinstance(e, UnidentifiedImageError) else str(e)
         raise InputError(
-            f"body is not a readable image (detected type: {kind}, {len(body)} bytes): {e}; send PNG, "
+            f"body is not a readable image (detected type: {kind}, {len(body)} bytes): {reason}; send PNG, "
             "JPEG or WEBP bytes, or a tensor with shape= and dtype= parameters"
         ) from None
     w8, h8 = w - w % f, h - h % f
