@@ -240,6 +240,18 @@ def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def finish(summary: JobSummary, fail_path: Path, failures: Sequence[dict[str, Any]], t_start: float) -> JobSummary:
+    """Write (or remove a stale) failures file and stamp the job's wall time."""
+    if failures:
+        write_jsonl(fail_path, failures)
+        summary.failures_path = fail_path
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            fail_path.unlink()
+    summary.seconds = time.perf_counter() - t_start
+    return summary
+
+
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run a job coroutine to completion from sync code — also inside Jupyter, where a
     loop is already running (then on a fresh loop in a helper thread). Uses uvloop

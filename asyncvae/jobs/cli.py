@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .._argtypes import nonneg_int as _nonneg_int
+from .._argtypes import positive_int as _positive_int
 from ..config import Retry, Timeout
 from ..errors import InputError
 from ._common import JobSummary, log
@@ -68,24 +70,6 @@ outputs are skipped (resume) unless --overwrite.
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return v
 
 
 def _common(p: argparse.ArgumentParser) -> None:

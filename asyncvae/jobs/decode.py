@@ -47,11 +47,11 @@ from ._common import (
     JobSummary,
     Progress,
     describe_error,
+    finish,
     job_client,
     log,
     prepare_out,
     run_sync,
-    write_jsonl,
 )
 
 __all__ = ["IMAGE_FORMATS", "decode_dataset", "decode_dataset_async"]
@@ -227,15 +227,7 @@ async def decode_dataset_async(
                        workers or max(2, os.cpu_count() or 1), summary, failures, quiet)
     elif skipped_files:
         log(f"asyncvae decode: all {skipped_files} output shard(s) exist; nothing to do", quiet)
-    fail_path = out_dir / "failures.jsonl"
-    if failures:
-        write_jsonl(fail_path, failures)
-        summary.failures_path = fail_path
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            fail_path.unlink()
-    summary.seconds = time.perf_counter() - t_start
-    return summary
+    return finish(summary, out_dir / "failures.jsonl", failures, t_start)
 
 
 async def _run(

@@ -40,6 +40,7 @@ from ._common import (
     JobSummary,
     Progress,
     describe_error,
+    finish,
     job_client,
     log,
     prepare_out,
@@ -331,16 +332,8 @@ async def encode_dataset_async(
             )
 
     fail_name = "failures.jsonl" if num_shards == 1 else f"failures-{shard_index:05d}-of-{num_shards:05d}.jsonl"
-    fail_path = out_dir / fail_name
     rows = [r for g in sorted(failures) for r in failures[g]]
-    if rows:
-        write_jsonl(fail_path, rows)
-        summary.failures_path = fail_path
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            fail_path.unlink()
-    summary.seconds = time.perf_counter() - t_start
-    return summary
+    return finish(summary, out_dir / fail_name, rows, t_start)
 
 
 async def _run_shards(

@@ -11,6 +11,8 @@ import os
 import sys
 from typing import Any, TextIO
 
+from .._argtypes import positive_float as _positive_float
+from .._argtypes import positive_int as _positive_int
 from ..errors import InputError
 from .report import check_plot_available, parse_threshold, write_plot
 from .runner import run
@@ -33,24 +35,6 @@ Open-loop latency counts from when each request was scheduled (coordinated-omiss
 corrected, like wrk2). Exit status 3 when a --threshold fails."""
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return v
 
 
 def _wrap(fn: Any) -> Any:

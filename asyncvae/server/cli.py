@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .._argtypes import nonneg_float as _nonneg
+from .._argtypes import probability as _probability
 from ..errors import InputError
 from .app import Faults, ServerConfig
 
@@ -19,26 +21,6 @@ channel mix); --model PATH loads a diffusers AutoencoderKL from a local folder.
 Fault options make it misbehave on purpose, to test clients. Prints
 'asyncvae serve: listening on http://HOST:PORT/' once bound; stop with Ctrl-C.
 """
-
-
-def _probability(text: str) -> float:
-    try:
-        p = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a probability") from None
-    if not 0.0 <= p <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1]")
-    return p
-
-
-def _nonneg(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return v
 
 
 def _stall(text: str) -> tuple[float, float]:
