@@ -85,6 +85,12 @@ class _Waiters:
                     self._futs.remove(fut)
             raise
 
+    def wake_all(self) -> None:
+        while self._futs:
+            fut = self._futs.popleft()
+            if not fut.done():
+                fut.set_result(None)
+
     def wake_one(self) -> None:
         while self._futs:
             fut = self._futs.popleft()
@@ -105,12 +111,17 @@ class _ByteBudget:
     def _fits(self, n: int) -> bool:
         return self.used == 0 or self.used + n <= self.limit
 
-    async def acquire(self, n: int) -> None:
+    async def acquire(self, n: int, urgent: Callable[[], bool] | None = None) -> None:
+        """Take ``n`` bytes, waiting for room. ``urgent()`` true lets it overdraw: the
+        ordered iterator is blocked on exactly this item, and the bytes in use may all
+        be finished results queued behind it, which only it can release."""
         if n <= 0:
             return
         while self._waiters or not self._fits(n):
+            if urgent is not None and urgent():
+                break
             await self._waiters.wait()
-            if self._fits(n):
+            if self._fits(n) or (urgent is not None and urgent()):
                 break
         self.used += n
         self._stats._set("inflight_bytes", self.used)
@@ -123,6 +134,31 @@ class _ByteBudget:
         self.used -= n
         self._stats._set("inflight_bytes", self.used)
         self._waiters.wake_one()
+
+    def recheck(self) -> None:
+        """Wake every waiter to re-test its ``urgent()`` (the ordered head moved)."""
+        if self._waiters:
+            self._waiters.wake_all()
+
+
+class _HeadBudget:
+    """The client's budget as one attempt sees it: may overdraw while one of its
+    jobs is the item an ordered iterator is waiting for."""
+
+    __slots__ = ("_budget", "_jobs")
+
+    def __init__(self, budget: _ByteBudget, jobs: list[_Job]):
+        self._budget = budget
+        self._jobs = jobs
+
+    def _urgent(self) -> bool:
+        return any(j.is_head is not None and j.is_head() for j in self._jobs)
+
+    async def acquire(self, n: int) -> None:
+        await self._budget.acquire(n, self._urgent)
+
+    def release(self, n: int) -> None:
+        self._budget.release(n)
 
 
 @dataclass(eq=False)
@@ -140,6 +176,8 @@ class _Job:
     on_progress: Callable[[int, int | None], None] | None = None
     held: int = 0
     release_on_done: bool = True
+    #: for ordered ``*_many`` jobs: whether the iterator now waits for this one
+    is_head: Callable[[], bool] | None = None
 
 
 class _WorkQueue:
@@ -482,7 +520,7 @@ class Client:
         jobs: dict[int, _Job] = {}
         completed: collections.deque[int] = collections.deque()
         wake = asyncio.Event()
-        state: dict[str, Any] = {"total": None}
+        state: dict[str, Any] = {"total": None, "next": 0}
 
         def on_done(fut: asyncio.Future[Any], i: int) -> None:
             completed.append(i)
@@ -498,6 +536,8 @@ class Client:
                     except AsyncVAEError as e:
                         job = self._failed_job(i, e)
                     job.release_on_done = False
+                    if ordered:
+                        job.is_head = lambda i=i: state["next"] == i
                     jobs[i] = job
                     self.stats.submitted += 1
                     job.future.add_done_callback(lambda f, i=i: on_done(f, i))
@@ -525,6 +565,9 @@ class Client:
                     del jobs[job.index]
                     next_index += ordered
                     value = self._outcome(job)
+                    if ordered:
+                        state["next"] = next_index
+                        self._budget.recheck()  # type: ignore[union-attr]
                     window.release()
                     if isinstance(value, ItemError) and on_error == "raise":
                         raise value.error
@@ -632,6 +675,9 @@ class Client:
                 me.uncancel()  # the jobs' callers cancelled; keep serving
             finally:
                 self._running.pop(wid, None)
+                # an idle worker must not keep its last jobs (futures -> results) alive:
+                # with 64 workers and 56 MiB answers that is 3.5 GiB the caller already dropped
+                batch = live = None  # type: ignore[assignment]
 
     async def _execute(self, jobs: list[_Job]) -> None:
         self.stats._set("in_flight", self.stats.in_flight + len(jobs))
@@ -787,7 +833,8 @@ class Client:
                 headers=self._headers, credential=ep.credential,
                 timeout=transport.client_timeout(t.connect, t.read, attempt_t),
                 max_response_bytes=self.limits.max_response_bytes,
-                budget=self._budget, on_progress=on_progress,
+                budget=_HeadBudget(self._budget, jobs) if jobs[0].is_head is not None else self._budget,
+                on_progress=on_progress,
             )
         except asyncio.CancelledError:
             ep.probing = False

@@ -13,7 +13,7 @@ import asyncio
 import functools
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -104,6 +104,18 @@ def _map_client_error(e: BaseException, url: URL, *, in_body: bool) -> Exception
     return TransportError(f"connection to {url.host}:{url.port} failed {where}: {type(e).__name__}: {e}")
 
 
+async def _chunks(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The body's chunks as received, one at a time. (``iter_any()`` would
+    ``b"".join()`` all chunks waiting in the buffer: under uvloop, which feeds many
+    socket reads per loop iteration, that is an extra copy of nearly every body.)"""
+    while True:
+        chunk, boundary = await content.readchunk()
+        if chunk:
+            yield chunk
+        elif not boundary:
+            return  # end of body; (b"", True) is only a chunked-encoding boundary
+
+
 async def _read_into(
     resp: aiohttp.ClientResponse,
     nbytes: int,
@@ -113,7 +125,7 @@ async def _read_into(
     buf = torch.empty(nbytes, dtype=torch.uint8)
     view = memoryview(buf.numpy()) if nbytes else memoryview(b"")
     off = 0
-    async for chunk in resp.content.iter_any():
+    async for chunk in _chunks(resp.content):
         end = off + len(chunk)
         if end > nbytes:
             raise ProtocolError(
@@ -137,7 +149,7 @@ async def _read_bytes(
 ) -> bytes:
     chunks: list[bytes] = []
     got = 0
-    async for chunk in resp.content.iter_any():
+    async for chunk in _chunks(resp.content):
         got += len(chunk)
         if got > limit:
             raise ProtocolError(f"response body exceeds the client's max_response_bytes={limit}")

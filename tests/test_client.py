@@ -273,3 +273,31 @@ async def test_unknown_option_is_an_input_error(server):
     async with Client(server.url) as c:
         with pytest.raises(asyncvae.InputError, match="unknown decode option"):
             await c.decode(latents(1)[0], outputtype="pt")
+
+
+async def test_ordered_iteration_never_deadlocks_on_a_small_byte_budget(make_server):
+    """Finished results waiting behind a slow head hold the whole budget: the head item
+    must still get room (it alone can release them), so every item arrives."""
+    srv = make_server(replicas=4, seed=1, faults=Faults(fault_stall=0.1, stall_seconds=0.3))  # slow heads
+    answer = 256 * 256 * 3  # [1,4,32,32] -> uint8 [1,256,256,3], 192 KiB
+    lim = Limits(max_concurrency=16, max_inflight_bytes=4 * answer, max_reorder=64)
+    items = latents(120, shape=(1, 4, 32, 32))
+    async with Client(srv.url, limits=lim) as c:
+        got = await asyncio.wait_for(collect(c.decode_many(items, **PT_U8)), 60)
+        assert all(isinstance(g, torch.Tensor) for g in got)
+        # bounded: the budget plus the one head item allowed to overdraw it
+        assert c.stats.peak_inflight_bytes <= lim.max_inflight_bytes + answer
+
+
+async def test_results_are_not_kept_alive_by_idle_workers(server):
+    import weakref
+
+    async with Client(server.url, limits=Limits(max_concurrency=8)) as c:
+        refs = []
+        async for r in c.decode_many(latents(20), **PT_U8):
+            refs.append(weakref.ref(r))
+            del r
+        await asyncio.sleep(0.05)
+        gc.collect()
+        alive = sum(ref() is not None for ref in refs)
+    assert alive == 0
