@@ -9,6 +9,7 @@ messages through this module. See ``shared/PROTOCOL.md`` for the contract.
 from __future__ import annotations
 
 import email.utils
+import functools
 import json
 import math
 import numbers
@@ -90,14 +91,14 @@ def tensor_body(tensor: torch.Tensor) -> memoryview:
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    t = t.contiguous()
-    if t.dim() == 0:
-        t = t.reshape(1)
-    raw = t.reshape(-1).view(torch.uint8)
-    if sys.byteorder != "little" and t.element_size() > 1:  # pragma: no cover - big-endian hosts
-        raw = t.reshape(-1).numpy().byteswap().view("uint8")
-        return memoryview(raw).toreadonly()
-    return memoryview(raw.numpy()).toreadonly()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.dtype is torch.bfloat16:  # numpy has no bfloat16: same bytes as int16
+        t = t.view(torch.int16)
+    arr = t.numpy()
+    if sys.byteorder != "little" and arr.itemsize > 1:  # pragma: no cover - big-endian hosts
+        arr = arr.byteswap()
+    return memoryview(arr).cast("B").toreadonly()
 
 
 # --------------------------------------------------------------------------- requests
@@ -347,7 +348,7 @@ class TensorSpec:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         n = DTYPES[self.dtype].itemsize
         for s in self.shape:
@@ -366,24 +367,9 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return v
 
 
-def parse_tensor_headers(
-    headers: Mapping[str, str], *, max_bytes: int | None = None
-) -> TensorSpec:
-    """Read and check the ``shape``/``dtype`` headers of a tensor response.
-
-    Raises :class:`ProtocolError` for missing, malformed or absurd values, or a size
-    over ``max_bytes`` — before anything is allocated. Whether the body length
-    agrees is :func:`check_body_length`'s job.
-    """
-    raw_shape = _header(headers, HEADER_SHAPE)
-    raw_dtype = _header(headers, HEADER_DTYPE)
-    if raw_shape is None or raw_dtype is None:
-        missing = [n for n, v in ((HEADER_SHAPE, raw_shape), (HEADER_DTYPE, raw_dtype)) if v is None]
-        raise ProtocolError(
-            f"tensor response lacks the {' and '.join(missing)} header(s); the endpoint may not "
-            "speak the remote VAE protocol, or a proxy dropped them",
-            retryable=True,
-        )
+@functools.lru_cache(maxsize=1024)
+def _spec(raw_shape: str, raw_dtype: str) -> TensorSpec:
+    """The checked spec of two raw header values (cached: a bulk job sees few distinct ones)."""
     try:
         shape = json.loads(raw_shape)
     except ValueError:
@@ -404,10 +390,31 @@ def parse_tensor_headers(
         raise ProtocolError(
             f"dtype header {raw_dtype[:50]!r} is not one of {', '.join(DTYPES)}", retryable=True
         )
-    spec = TensorSpec(tuple(shape), dtype)
+    return TensorSpec(tuple(shape), dtype)
+
+
+def parse_tensor_headers(
+    headers: Mapping[str, str], *, max_bytes: int | None = None
+) -> TensorSpec:
+    """Read and check the ``shape``/``dtype`` headers of a tensor response.
+
+    Raises :class:`ProtocolError` for missing, malformed or absurd values, or a size
+    over ``max_bytes`` — before anything is allocated. Whether the body length
+    agrees is :func:`check_body_length`'s job.
+    """
+    raw_shape = _header(headers, HEADER_SHAPE)
+    raw_dtype = _header(headers, HEADER_DTYPE)
+    if raw_shape is None or raw_dtype is None:
+        missing = [n for n, v in ((HEADER_SHAPE, raw_shape), (HEADER_DTYPE, raw_dtype)) if v is None]
+        raise ProtocolError(
+            f"tensor response lacks the {' and '.join(missing)} header(s); the endpoint may not "
+            "speak the remote VAE protocol, or a proxy dropped them",
+            retryable=True,
+        )
+    spec = _spec(raw_shape, raw_dtype)
     if max_bytes is not None and spec.nbytes > max_bytes:
         raise ProtocolError(
-            f"response declares a {list(spec.shape)} {dtype} tensor of {spec.nbytes} bytes, over the "
+            f"response declares a {list(spec.shape)} {spec.dtype} tensor of {spec.nbytes} bytes, over the "
             f"client's max_response_bytes={max_bytes}; raise Limits(max_response_bytes=...) if it is real"
         )
     return spec

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
+import numpy as np
 import torch
 from yarl import URL
 
@@ -122,8 +123,8 @@ async def _read_into(
     on_progress: ProgressCallback | None,
 ) -> torch.Tensor:
     """Stream exactly ``nbytes`` into a fresh uint8 tensor (one copy per chunk)."""
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    view = memoryview(buf.numpy()) if nbytes else memoryview(b"")
+    arr = np.empty(nbytes, dtype=np.uint8)  # uninitialised: every byte is written below
+    view = memoryview(arr)
     off = 0
     async for chunk in _chunks(resp.content):
         end = off + len(chunk)
@@ -141,7 +142,7 @@ async def _read_into(
             f"response body was truncated: got {off} of the {nbytes} bytes its headers declare",
             retryable=True,
         )
-    return buf
+    return torch.from_numpy(arr)
 
 
 async def _read_bytes(
