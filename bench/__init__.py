@@ -1,0 +1,1 @@
+"""Benchmarks of asyncvae against other clients (run with ``python -m bench``)."""
