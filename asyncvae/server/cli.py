@@ -75,8 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--cache",
         action="store_true",
-        help="compute each distinct request once and replay the stored answer afterwards, so "
-        "benchmarks measure the client, not the model",
+        help="compute one answer per request signature (operation, query, body length, "
+        "Accept) and replay it afterwards, so benchmarks measure the client, not the model; "
+        "bodies of the same size get the same answer, so never use it to check results",
     )
     g.add_argument(
         "--delay-ms",
