@@ -174,9 +174,14 @@ def fd_targets() -> dict[str, str]:
     return out
 
 
+#: Thread pools that grow lazily and keep idle threads: the reference servers' replica
+#: pools and asyncio's default executors (``asyncio.to_thread``); not leaks.
+LAZY_POOLS = ("asyncvae-replica", "asyncio_")
+
+
 def client_threads() -> int:
-    """Threads of this process, less the reference servers' own pools (which grow lazily)."""
-    return sum(1 for t in threading.enumerate() if not t.name.startswith("asyncvae-replica"))
+    """Threads of this process, less the lazily grown pools (see ``LAZY_POOLS``)."""
+    return sum(1 for t in threading.enumerate() if not t.name.startswith(LAZY_POOLS))
 
 
 def rss() -> int:
