@@ -70,6 +70,18 @@ class JobSummary:
         """Body megabytes (sent + received) per second in this run."""
         return (self.bytes_sent + self.bytes_received) / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
+    @staticmethod
+    def client_totals(stats: Any) -> tuple[int, int, int]:
+        """A client's running (bytes out, bytes in, retries), to take a run's share later."""
+        return (stats.bytes_out, stats.bytes_in, sum(stats.retries.values()))
+
+    def add_client_usage(self, stats: Any, since: tuple[int, int, int]) -> None:
+        """Add what the client sent, received and retried since ``client_totals`` gave ``since``."""
+        now = self.client_totals(stats)
+        self.bytes_sent += now[0] - since[0]
+        self.bytes_received += now[1] - since[1]
+        self.retries += now[2] - since[2]
+
     def line(self, verb: str = "encoded") -> str:
         """A one-line human summary."""
         written = f", {self.shards_written} shard(s) written" if self.shards_written else ""

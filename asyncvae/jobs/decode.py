@@ -247,7 +247,7 @@ async def _run(
     ex = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="asyncvae-save")
     prog = Progress(client, 0, "decode", enabled=not quiet)
     stats = client.stats
-    base = (stats.bytes_out, stats.bytes_in, sum(stats.retries.values()))
+    base = JobSummary.client_totals(stats)
     saves: collections.deque[asyncio.Future[Any]] = collections.deque()
     seen: set[str] = set()
 
@@ -346,9 +346,7 @@ async def _run(
         for s in saves:
             s.cancel()
         ex.shutdown(wait=True, cancel_futures=True)
-        summary.bytes_sent += stats.bytes_out - base[0]
-        summary.bytes_received += stats.bytes_in - base[1]
-        summary.retries += sum(stats.retries.values()) - base[2]
+        summary.add_client_usage(stats, base)
 
 
 def decode_dataset(

@@ -359,7 +359,7 @@ async def _run_shards(
     shards = [_Shard(g, items[g * shard_size : (g + 1) * shard_size]) for g in pending]
     total = sum(len(s.items) for s in shards)
     stats = client.stats
-    bytes0 = (stats.bytes_out, stats.bytes_in, sum(stats.retries.values()))
+    bytes0 = JobSummary.client_totals(stats)
     prog = Progress(client, total, "encode", enabled=not quiet)
     writers: list[asyncio.Task[dict[str, Any]]] = []
     sent: collections.deque[tuple[_Shard, int]] = collections.deque()
@@ -442,9 +442,7 @@ async def _run_shards(
         ex.shutdown(wait=False, cancel_futures=True)
         if writers:
             await asyncio.gather(*writers, return_exceptions=True)
-        summary.bytes_sent += stats.bytes_out - bytes0[0]
-        summary.bytes_received += stats.bytes_in - bytes0[1]
-        summary.retries += sum(stats.retries.values()) - bytes0[2]
+        summary.add_client_usage(stats, bytes0)
 
 
 def encode_dataset(
