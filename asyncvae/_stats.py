@@ -21,7 +21,7 @@ class Stats:
         submitted / completed / failed: items accepted, finished well, finished with an error.
         requests: HTTP attempts sent (a coalesced batch is one request; retries count).
         batches / coalesced: coalesced requests sent, and the items they carried.
-        retries: ``Counter`` of retry causes (``status_503``, ``timeout``, ``protocol`` …).
+        retries: ``Counter`` of retry causes (``http_503``, ``timeout``, ``protocol`` …).
         errors: ``Counter`` of final failure kinds of items.
         bytes_out / bytes_in: request and response body bytes.
         queued / in_flight / inflight_bytes: current values; ``peak_*`` their maxima.

@@ -42,6 +42,7 @@ from .errors import (
     ProtocolError,
     RetryExhausted,
     TransportError,
+    error_kind,
 )
 from .protocol import DecodeOptions, WireRequest
 
@@ -264,16 +265,6 @@ class _Endpoint:
 
     def __repr__(self) -> str:
         return f"<endpoint {self.url.with_query(None)} outstanding={self.outstanding} failures={self.failures}>"
-
-
-def _cause(e: BaseException) -> str:
-    if isinstance(e, EndpointError):
-        return f"status_{e.status}"
-    if isinstance(e, TransportError):
-        return e.kind
-    if isinstance(e, ProtocolError):
-        return "protocol"
-    return type(e).__name__
 
 
 def _decode_options(kw: dict[str, Any]) -> DecodeOptions:
@@ -690,7 +681,7 @@ class Client:
                 for j in jobs:
                     if not j.future.done():
                         j.future.set_exception(e)
-                        self.stats._item_failed(_cause(e.last if isinstance(e, RetryExhausted) else e))
+                        self.stats._item_failed(error_kind(e))
                 return
             for j, v, h in zip(jobs, values, held, strict=False):
                 if j.future.done():
@@ -766,13 +757,13 @@ class Client:
         if stop(1, first):
             raise exhausted(first, 1) from first
         pause = wait(1, first)
-        self.stats._retry(_cause(first), pause)
+        self.stats._retry(error_kind(first), pause)
         await asyncio.sleep(pause)
         retrying = AsyncRetrying(
             retry=retry_if_exception(self._retryable),
             stop=lambda rs: stop(rs.attempt_number + 1, outcome(rs)),
             wait=lambda rs: wait(rs.attempt_number + 1, outcome(rs)),
-            before_sleep=lambda rs: self.stats._retry(_cause(outcome(rs)), rs.upcoming_sleep),
+            before_sleep=lambda rs: self.stats._retry(error_kind(outcome(rs)), rs.upcoming_sleep),
             reraise=False,
         )
         try:

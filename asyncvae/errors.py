@@ -27,6 +27,7 @@ __all__ = [
     "ProtocolError",
     "RetryExhausted",
     "TransportError",
+    "error_kind",
 ]
 
 
@@ -144,3 +145,26 @@ class ItemError:
 
 #: HTTP statuses a retry can cure (PROTOCOL.md, "Errors").
 RETRYABLE_STATUSES: frozenset[int] = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def error_kind(e: BaseException) -> str:
+    """The one word an error is counted under, everywhere (``Client.stats``, the load
+    tester's reports, the dataset jobs' failure records).
+
+    ``http_<status>`` (e.g. ``http_503``), ``timeout``, ``connection``, ``tls``,
+    ``protocol``, ``input``, ``cancelled``; a :class:`RetryExhausted` counts as its last
+    cause; anything else as ``exception_<TypeName>``.
+    """
+    if isinstance(e, RetryExhausted):
+        return error_kind(e.last)
+    if isinstance(e, EndpointError):
+        return f"http_{e.status}"
+    if isinstance(e, TransportError):
+        return e.kind
+    if isinstance(e, ProtocolError):
+        return "protocol"
+    if isinstance(e, InputError):
+        return "input"
+    if isinstance(e, BaseException) and type(e).__name__ == "CancelledError":
+        return "cancelled"
+    return f"exception_{type(e).__name__}"

@@ -66,7 +66,7 @@ async def test_decode_many_chaos_complete_ordered_and_correct(make_server):
     assert all(isinstance(g, torch.Tensor) for g in got), [g for g in got if not isinstance(g, torch.Tensor)][:3]
     assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=False))
     causes = set(stats.retries)
-    assert {"status_503", "status_429", "status_502", "protocol", "timeout"} <= causes, stats.retries
+    assert {"http_503", "http_429", "http_502", "protocol", "timeout"} <= causes, stats.retries
     injected = faulty.stats()["faults"]
     assert sum(stats.retries.values()) >= sum(injected.values()) - injected.get("fault_stall", 0)
 

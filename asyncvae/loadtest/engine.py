@@ -28,7 +28,8 @@ import numpy as np
 from hdrh.histogram import HdrHistogram
 
 from ..config import Retry
-from ..errors import AsyncVAEError, EndpointError, TransportError
+from ..errors import AsyncVAEError, EndpointError
+from ..errors import error_kind as _error_kind
 
 __all__ = [
     "Answer",
@@ -156,15 +157,9 @@ class InvalidAnswer(AsyncVAEError):
 def error_kind(e: BaseException) -> str:
     """The bucket an error is counted in: ``http_503``, ``timeout``, ``connection``,
     ``tls``, ``protocol``, ``invalid_response``, ``unfinished`` or ``exception_<Type>``."""
-    if isinstance(e, EndpointError):
-        return f"http_{e.status}"
-    if isinstance(e, TransportError):
-        return e.kind
     if isinstance(e, InvalidAnswer):
         return "invalid_response"
-    if isinstance(e, AsyncVAEError):
-        return "protocol" if type(e).__name__ == "ProtocolError" else type(e).__name__.lower()
-    return f"exception_{type(e).__name__}"
+    return _error_kind(e)
 
 
 def _retryable(e: BaseException, retry: Retry) -> bool:

@@ -406,7 +406,7 @@ def check(report: dict[str, Any], n: int, *, rss_slack_mib: float) -> None:
     assert len(report["restarts_s"]) == 2, report
     # every fault kind was met and retried (stalls show up as read timeouts)
     r = report["retries"]
-    for cause in ("status_503", "status_429", "status_502", "protocol", "timeout", "connection"):
+    for cause in ("http_503", "http_429", "http_502", "protocol", "timeout", "connection"):
         assert r.get(cause, 0) > 0, (cause, r)
     assert report["open_connections_end"] == 0, report
     assert report["leaked_tasks"] == [], report
