@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from yarl import URL
 
-from . import protocol
-from .errors import EndpointError, InputError, ProtocolError, TransportError
-from .protocol import TensorSpec, WireRequest
+from .. import protocol
+from ..errors import EndpointError, InputError, ProtocolError, TransportError
+from ..protocol import TensorSpec, WireRequest
 
 #: Most of an error body that is read (and kept in the exception).
 MAX_ERROR_BODY = 64 * 1024
