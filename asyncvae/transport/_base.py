@@ -18,18 +18,39 @@ same checks against each):
 
 - ``send`` sends exactly the given method, URL and headers plus ``Host`` and
   ``Content-Length`` (nothing else: no cookies, no ``Accept-Encoding`` it decodes, no
-  redirects followed — the caller decides about redirects);
+  redirects followed — the caller decides about redirects). ``Content-Length`` goes
+  out whenever the body is not empty, and for POST/PUT/PATCH also when it is; a
+  ``Host`` among the given headers replaces the derived one; a given
+  ``Content-Length``/``Transfer-Encoding``, a header name that is not a token, or a
+  value with CR/LF/control characters is an :class:`~asyncvae.InputError` (nothing is
+  sent). Responses come back as sent: no decompression;
 - failures before a response head become :class:`~asyncvae.TransportError`
   (``kind`` ``connection``, ``timeout`` or ``tls``; ``tls`` is not retryable); a
   malformed head or framing becomes a retryable :class:`~asyncvae.ProtocolError`;
+  after :meth:`Transport.aclose`, ``send`` (and callers waiting for a connection)
+  get a non-retryable ``TransportError``;
+- an interim ``1xx`` head is skipped; answers to HEAD and 204/304 answers have no
+  body (:attr:`Response.content_length` 0); ``Transfer-Encoding: chunked`` wins over
+  ``Content-Length``;
 - a body that ends before its declared length, or a connection lost mid-body, is a
   retryable :class:`~asyncvae.ProtocolError` ("cut short"); a read timeout mid-body is
   a :class:`~asyncvae.TransportError` of kind ``timeout``;
 - ``Timeouts.read`` bounds the wait for the head and every gap between body reads;
-  ``deadline`` (absolute, ``loop.time()`` clock) bounds the whole exchange;
+  ``deadline`` (absolute, ``loop.time()`` clock) bounds the whole exchange (waiting
+  for a free connection, connecting, sending, the head and every body read);
+- a server that answers before it has read the whole request body (413, 429) still
+  yields that answer;
 - the connection goes back to the pool only when its body was read to the end and
-  the server allows keep-alive; :meth:`Response.close` (or leaving ``async with``)
-  before that closes it. A cancelled ``send`` or read closes the connection.
+  the server allows keep-alive (HTTP/1.1 without ``Connection: close``, not a
+  read-to-EOF body, no bytes after the body); :meth:`Response.close` (or leaving
+  ``async with``) before that closes it. A cancelled ``send`` or read closes the
+  connection. A connection that receives bytes or EOF while idle is never reused.
+
+Allowed differences: :class:`~.native.NativeTransport` sends a request once more, on
+another connection, when a reused keep-alive connection turns out to have been closed
+by the server before any byte of the answer arrived (the stale-connection race;
+browsers do the same); aiohttp does that only for idempotent methods, so there the
+caller sees a retryable ``TransportError`` of kind ``connection``.
 """
 
 from __future__ import annotations
@@ -69,7 +90,12 @@ class Request:
 
 class Response(abc.ABC):
     """A response whose head has arrived; the body is read with one of the ``read``
-    methods. Use as an async context manager, or call :meth:`close`."""
+    methods. Use as an async context manager, or call :meth:`close`.
+
+    Reading after the body's end returns 0 / ``b""``; reading after :meth:`close` (or
+    after a read failed) before the end raises :class:`~asyncvae.TransportError`."""
+
+    __slots__ = ()
 
     #: HTTP status code
     status: int
@@ -82,7 +108,8 @@ class Response(abc.ABC):
 
     @property
     def content_length(self) -> int | None:
-        """The declared body length, or ``None`` (chunked, or read to EOF).
+        """The length the body is framed with: its ``Content-Length`` (0 where the
+        answer has no body: HEAD, 204, 304), or ``None`` (chunked, or read to EOF).
 
         Raises a retryable :class:`~asyncvae.ProtocolError` when the header is malformed."""
         from ..protocol import parse_content_length
@@ -91,9 +118,11 @@ class Response(abc.ABC):
 
     @abc.abstractmethod
     async def read_into(self, view: memoryview) -> int:
-        """Fill ``view`` (a writable, byte-format memoryview) from the body and return
-        the number of bytes written: ``len(view)``, or fewer only when the body ended
-        first. Bytes beyond ``len(view)`` stay unread (see :meth:`read_chunk`)."""
+        """Fill ``view`` (a writable, C-contiguous buffer; any item format is taken as
+        bytes) from the body and return the number of bytes written: ``view.nbytes``,
+        or fewer only when the body ended first. Bytes beyond the view stay unread (see
+        :meth:`read_chunk`). A body framed by ``Content-Length`` that ends early raises
+        (cut short) instead of returning fewer bytes."""
 
     @abc.abstractmethod
     async def read_chunk(self) -> bytes | memoryview:
@@ -127,7 +156,15 @@ class Response(abc.ABC):
 
 
 class Transport(abc.ABC):
-    """Sends :class:`Request` objects over pooled connections."""
+    """Sends :class:`Request` objects over pooled connections.
+
+    Implementations take the same keyword-only constructor arguments: ``limit`` (64),
+    ``limit_per_host`` (0: same as ``limit``), ``keepalive_timeout`` (30.0 s; 0: no
+    reuse), ``timeouts`` (:class:`Timeouts`), ``ssl`` (``True``: verified
+    ``ssl.create_default_context()``; ``False``: no verification; or an
+    ``ssl.SSLContext``)."""
+
+    __slots__ = ()
 
     @abc.abstractmethod
     async def send(self, request: Request, *, deadline: float | None = None) -> Response:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -23,8 +22,9 @@ import torch
 from yarl import URL
 
 from .. import protocol
-from ..errors import EndpointError, InputError, ProtocolError, TransportError
+from ..errors import EndpointError, InputError, ProtocolError
 from ..protocol import TensorSpec, WireRequest
+from .aiohttp import map_error
 
 #: Most of an error body that is read (and kept in the exception).
 MAX_ERROR_BODY = 64 * 1024
@@ -84,25 +84,7 @@ def request_url(url: URL, params: tuple[tuple[str, str], ...]) -> URL:
 
 
 def _map_client_error(e: BaseException, url: URL, *, in_body: bool) -> Exception:
-    where = "while reading the response body" if in_body else "before a response arrived"
-    if isinstance(e, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError, ssl.SSLError)):
-        return TransportError(
-            f"TLS failure talking to {url.host}: {e}. Check the certificate, or pass a custom "
-            "ssl context; verification stays on by default",
-            retryable=False,
-            kind="tls",
-        )
-    if isinstance(e, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-        return TransportError(f"timed out {where} from {url.host}:{url.port}", kind="timeout")
-    if isinstance(e, aiohttp.ClientResponseError):
-        # raise_for_status is off, so this comes from the HTTP parser: a malformed answer
-        detail = (e.message or type(e).__name__).splitlines()[0]
-        return ProtocolError(f"malformed HTTP response from {url.host}:{url.port}: {detail}", retryable=True)
-    if in_body and isinstance(e, (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)):
-        return ProtocolError(f"response body from {url.host}:{url.port} was cut short: {e}", retryable=True)
-    if isinstance(e, aiohttp.InvalidURL):
-        return InputError(f"invalid endpoint URL: {e}")
-    return TransportError(f"connection to {url.host}:{url.port} failed {where}: {type(e).__name__}: {e}")
+    return map_error(e, url, in_body=in_body)
 
 
 async def _chunks(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:

@@ -516,7 +516,7 @@ class NativeResponse(Response):
             self._fail()
 
     def __del__(self) -> None:
-        conn = self._conn
+        conn = getattr(self, "_conn", None)
         if conn is not None:  # dropped unclosed: free its slot
             self._conn = None
             with contextlib.suppress(Exception):
