@@ -263,6 +263,7 @@ def test_decoder_with_offsets_into_a_buffer() -> None:
         b"-1\r\n",
         b"\r\n",
         b"5\r\nhelloXX",  # no CRLF after the data
+        b"5\r\nhello3\r\nabc\r\n0\r\n\r\n",  # no CRLF after the data, valid after that
         b"5\r\nhello\rX",
         b"1" * 17 + b"\r\n",  # more than 16 hex digits
         b"5;" + b"e" * h.MAX_CHUNK_LINE + b"\r\n",  # size line too long

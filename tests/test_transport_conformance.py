@@ -962,6 +962,27 @@ def test_slot_waiters_are_cancel_safe(kind: tuple[str, str], raw: Any) -> None:
     run(kind, go, ports=(srv.port,), limit=1)
 
 
+def test_a_slot_handed_over_to_a_cancelled_waiter_is_given_back(kind: tuple[str, str], raw: Any) -> None:
+    """limit=1: the connection is handed to the waiting caller at the very moment that
+    caller is cancelled (same loop step); it must come back to the pool, not leak."""
+    srv = raw(keepalive(lambda req: answer(200, b"ok")))
+
+    async def go(t: Transport) -> None:
+        resp = await t.send(post(srv.url))
+        waiter = asyncio.create_task(t.send(post(srv.url)))
+        await asyncio.sleep(0.2)  # the waiter queues; the first body arrives meanwhile
+        assert await resp.read(100) == b"ok"  # done: the connection goes to the waiter
+        resp.close()
+        waiter.cancel()  # before the waiter ran again
+        with contextlib.suppress(asyncio.CancelledError):
+            (await waiter).close()
+        for _ in range(3):
+            assert (await fetch(t, post(srv.url)))[1] == b"ok"
+        assert t.connections()["open"] == 1
+
+    run(kind, go, ports=(srv.port,), limit=1, timeouts=Timeouts(read=10))
+
+
 def test_cancellation_closes_the_connection(kind: tuple[str, str], raw: Any) -> None:
     async def handler(c: RawConn) -> None:
         req = await c.read_request()
