@@ -55,14 +55,24 @@ BODY_LENGTH = 1  # Content-Length
 BODY_CHUNKED = 2  # Transfer-Encoding: chunked
 BODY_EOF = 3  # until the server closes the connection
 
-#: Methods whose request carries ``Content-Length`` even with an empty body (as aiohttp).
+#: Methods whose request carries ``Content-Length`` even with an empty body (as aiohttp;
+#: native.py inlines the same rule).
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
-_FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
+# Unambiguous patterns only (no two adjacent quantifiers that can match the same
+# character): a hostile head of 64 KiB must not make the regex engine backtrack
+# quadratically. Optional whitespace around values is stripped in Python.
+_FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):([^\x00-\x08\x0a-\x1f\x7f]*)")
+_FIELD_LINE = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n"
+#: a whole well-formed head (CRLF line ends): the fast path, one regex call
+_HEAD = re.compile(
+    rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?\r\n((?:" + _FIELD_LINE + rb")*)\r\n"
+)
+_FIELDS = re.compile(r"([^:]+):[ \t]*([^\r]*)\r\n")
 _DIGITS = re.compile(rb"[0-9]{1,19}")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _CHUNK_EXT = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
@@ -177,7 +187,8 @@ def parse_fields(lines: list[bytes], into: CIMultiDict[str], *, what: str = "hea
             if line[:1] in (b" ", b"\t"):
                 raise _bad(f"obsolete line folding in a {what} field")
             raise _bad(f"invalid {what} line {line[:80]!r}")
-        into.add(m.group(1).decode("ascii"), m.group(2).decode("utf-8", "surrogateescape"))
+        value = m.group(2).decode("utf-8", "surrogateescape").strip(" \t")
+        into.add(m.group(1).decode("ascii"), value)
 
 
 def _content_length(values: list[str]) -> int:
@@ -211,25 +222,26 @@ def parse_response_head(head: bytes, *, request_method: str = "GET") -> Response
     """
     if len(head) > MAX_HEAD:
         raise _bad(f"response head longer than {MAX_HEAD} bytes")
-    lines = _split_lines(head)
-    # the block ends with an empty line (and the split leaves one more empty string)
-    while lines and not lines[-1]:
-        lines.pop()
-    if not lines:
-        raise _bad("empty response head")
-    m = _STATUS_LINE.fullmatch(lines[0])
-    if m is None:
-        raise _bad(f"invalid status line {lines[0][:80]!r}")
-    minor = int(m.group(1))
-    status = int(m.group(2))
+    m = _HEAD.fullmatch(head)
+    if m is not None:  # the usual case: one regex validates it all
+        minor = int(m.group(1))
+        status = int(m.group(2))
+        raw_reason = m.group(3)
+        reason = raw_reason.decode("utf-8", "surrogateescape") if raw_reason else ""
+        block = m.group(4).decode("utf-8", "surrogateescape")
+        pairs = _FIELDS.findall(block)
+        if len(pairs) > MAX_HEADERS:
+            raise _bad(f"more than {MAX_HEADERS} header fields")
+        if " \r" in block or "\t\r" in block:
+            pairs = [(k, v.rstrip(" \t")) for k, v in pairs]
+        headers: CIMultiDict[str] = CIMultiDict(pairs)
+    else:
+        minor, status, reason, headers = _parse_head_slowly(head)
     if status < 100:
         raise _bad(f"invalid status code {status}")
-    reason = (m.group(3) or b"").decode("utf-8", "surrogateescape")
-    headers: CIMultiDict[str] = CIMultiDict()
-    parse_fields(lines[1:], headers)
 
     keep_alive = minor == 1
-    conn = headers.getall("Connection", None)
+    conn = headers.getall("Connection", None) if "Connection" in headers else None
     if conn is not None:
         tokens = {t.strip().lower() for v in conn for t in v.split(",")}
         if "close" in tokens:
@@ -237,7 +249,7 @@ def parse_response_head(head: bytes, *, request_method: str = "GET") -> Response
 
     if request_method == "HEAD" or status < 200 or status in (204, 304):
         return ResponseHead(minor, status, reason, headers, BODY_NONE, 0, keep_alive)
-    te = headers.getall("Transfer-Encoding", None)
+    te = headers.getall("Transfer-Encoding", None) if "Transfer-Encoding" in headers else None
     if te is not None:
         codings = [t.strip().lower() for v in te for t in v.split(",") if t.strip()]
         if minor == 0:
@@ -249,8 +261,30 @@ def parse_response_head(head: bytes, *, request_method: str = "GET") -> Response
         return ResponseHead(minor, status, reason, headers, BODY_CHUNKED, None, keep_alive)
     cl = headers.getall("Content-Length", None)
     if cl is not None:
-        return ResponseHead(minor, status, reason, headers, BODY_LENGTH, _content_length(cl), keep_alive)
+        v = cl[0]
+        if len(cl) == 1 and v.isascii() and v.isdigit() and len(v) <= 19:
+            n = int(v)
+        else:
+            n = _content_length(cl)
+        return ResponseHead(minor, status, reason, headers, BODY_LENGTH, n, keep_alive)
     return ResponseHead(minor, status, reason, headers, BODY_EOF, None, False)
+
+
+def _parse_head_slowly(head: bytes) -> tuple[int, int, str, CIMultiDict[str]]:
+    """Line by line: bare-LF line ends, and a precise error for what is malformed."""
+    lines = _split_lines(head)
+    # the block ends with an empty line (and the split leaves one more empty string)
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise _bad("empty response head")
+    m = _STATUS_LINE.fullmatch(lines[0])
+    if m is None:
+        raise _bad(f"invalid status line {lines[0][:80]!r}")
+    reason = (m.group(3) or b"").decode("utf-8", "surrogateescape")
+    headers: CIMultiDict[str] = CIMultiDict()
+    parse_fields(lines[1:], headers)
+    return int(m.group(1)), int(m.group(2)), reason, headers
 
 
 # --------------------------------------------------------------------------- chunked bodies

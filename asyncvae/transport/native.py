@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl as ssl_mod
+import time
 from collections import deque
 from typing import Any
 
@@ -49,8 +50,12 @@ WRITE_SLICE = 1 << 20
 _EPS = 1e-3
 
 _CONNECTING, _BUSY, _IDLE, _CLOSED = range(4)
+#: (as _http11.request_head_end)
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 Key = tuple[str, str, int]
+
+_monotonic = time.monotonic  # idle bookkeeping (timers use the loop's clock)
 
 
 def _default_port(scheme: str) -> int:
@@ -536,42 +541,43 @@ class NativeResponse(Response):
         if self._end_pending:
             self._finish()
             return 0
-        view = _byte_view(view)
+        if type(view) is not memoryview or view.ndim != 1 or view.format != "B" or view.readonly:
+            view = _byte_view(view)
         try:
             framing = self._framing
-            if framing == h11.BODY_LENGTH:
-                return await self._read_length_into(conn, view)
-            if framing == h11.BODY_EOF:
-                return await self._read_eof_into(conn, view)
-            return await self._read_chunks_into(conn, view)
+            if framing != h11.BODY_LENGTH:
+                if framing == h11.BODY_EOF:
+                    return await self._read_eof_into(conn, view)
+                return await self._read_chunks_into(conn, view)
+            # Content-Length: what came with the head is copied, the rest is received
+            # straight into the caller's buffer
+            if conn.lent:
+                conn.release_lent()
+            want = len(view)
+            if want > self._remaining:
+                want = self._remaining
+            got = conn.w - conn.r
+            if got:
+                if got > want:
+                    got = want
+                r = conn.r
+                view[:got] = conn.mv[r : r + got]
+                conn.r = r + got
+                conn.consumed()
+                self._transport._copied += got
+            if got < want:
+                n = await conn.fill(view[got:want])
+                self._transport._direct += n
+                got += n
+                if got < want:
+                    raise conn._lost_error(False)
+            self._remaining -= got
+            if not self._remaining:
+                self._finish()
+            return got
         except BaseException:
             self._fail()
             raise
-
-    async def _read_length_into(self, conn: _Conn, view: memoryview) -> int:
-        conn.release_lent()
-        want = len(view)
-        if want > self._remaining:
-            want = self._remaining
-        got = conn.w - conn.r
-        if got:
-            if got > want:
-                got = want
-            r = conn.r
-            view[:got] = conn.mv[r : r + got]
-            conn.r = r + got
-            conn.consumed()
-            self._transport._copied += got
-        if got < want:
-            n = await conn.fill(view[got:want])
-            self._transport._direct += n
-            got += n
-            if got < want:
-                raise conn._lost_error(False)
-        self._remaining -= got
-        if not self._remaining:
-            self._finish()
-        return got
 
     async def _read_eof_into(self, conn: _Conn, view: memoryview) -> int:
         conn.release_lent()
@@ -804,16 +810,24 @@ class NativeTransport(Transport):
             if body.ndim != 1 or body.format not in ("B", "b", "c"):
                 body = body.cast("B")
             nbody = len(body)
-        head = prefix + h11.request_head_end(method, nbody)
+        if nbody or method in _BODY_METHODS:
+            head = prefix + b"Content-Length: %d\r\n\r\n" % nbody
+        else:
+            head = prefix + b"\r\n"
         if deadline is not None and loop.time() >= deadline:
             raise TransportError("timed out: the deadline passed before sending", kind="timeout")
 
         for attempt in (0, 1):
-            conn = await self._acquire(key, deadline)
+            conn = self._pop_idle(key) if key in self._idle else None
+            if conn is None:
+                conn = await self._acquire(key, deadline)
             conn.deadline = deadline
             rx0 = conn.rx
             try:
-                await conn.write_request(head, body, nbody)
+                if nbody <= SMALL_BODY and not (conn.lost or conn.eof):
+                    conn.transport.write(head + body if nbody else head)  # (the common case)
+                else:
+                    await conn.write_request(head, body, nbody)
                 rh = await conn.read_head(method, rx0)
             except _Stale as e:
                 self._drop(conn)
@@ -906,10 +920,12 @@ class NativeTransport(Transport):
         self._close_conn(best)
         return True
 
-    async def _acquire(self, key: Key, deadline: float | None) -> _Conn:
+    def _pop_idle(self, key: Key) -> _Conn | None:
+        """The most recently pooled live connection for ``key`` (LIFO), if any; idle
+        connections past ``keepalive_timeout`` met on the way are closed."""
         idle = self._idle.get(key)
         if idle:
-            now = self._loop.time()  # type: ignore[union-attr]
+            now = _monotonic()
             keepalive = self._keepalive
             while idle:
                 conn = idle.pop()
@@ -921,6 +937,12 @@ class NativeTransport(Transport):
                     return conn
                 conn.state = _BUSY  # not on the idle list any more
                 self._close_conn(conn)
+        return None
+
+    async def _acquire(self, key: Key, deadline: float | None) -> _Conn:
+        conn = self._pop_idle(key)
+        if conn is not None:
+            return conn
         # (waiters that could use a free slot were given it when it freed)
         if self._room(key) or (
             self._n_open >= self._limit
@@ -1038,7 +1060,7 @@ class NativeTransport(Transport):
                     waiter.fut.set_result(conn)
                     return
         conn.state = _IDLE
-        conn.idle_since = self._loop.time()  # type: ignore[union-attr]
+        conn.idle_since = _monotonic()
         idle = self._idle.get(key)
         if idle is None:
             idle = self._idle[key] = []
@@ -1114,7 +1136,7 @@ class NativeTransport(Transport):
         self._sweep = None
         if self._closed:
             return
-        now = self._loop.time()  # type: ignore[union-attr]
+        now = _monotonic()
         for conns in list(self._idle.values()):
             for conn in list(conns):
                 if now - conn.idle_since > self._keepalive:
