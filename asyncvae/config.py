@@ -130,10 +130,13 @@ class Retry(_Value):
         attempts: attempts in all, the first included (default 5; 1 disables retries).
         backoff_base: first backoff in seconds; doubles each retry (default 0.2).
         backoff_max: cap of one backoff (default 10).
-        jitter: "full" (uniform in [0, backoff], the default) or "none".
+        jitter: "full" (uniform in [0, backoff], the default) or "none". With a
+            ``Retry-After`` the wait is ``max(retry_after, b/2) + uniform(0, b/2)``
+            (see :meth:`wait_for`).
         statuses: HTTP statuses that are retried (408, 429, 500, 502, 503, 504).
-        respect_retry_after: wait what a ``Retry-After`` header asks (seconds or an
-            HTTP date) instead of the backoff, up to ``max_retry_after`` (default True).
+        respect_retry_after: wait at least what a ``Retry-After`` header asks (seconds or
+            an HTTP date), up to ``max_retry_after``, and rest that endpoint for every
+            caller as long (default True).
         max_retry_after: the longest ``Retry-After`` honoured, in seconds (default 60).
         unavailable_patience: seconds that 503 answers ("replica starting", scale from
             zero) keep being retried, beyond ``attempts`` (default 120; 0 treats 503 like
@@ -172,14 +175,32 @@ class Retry(_Value):
         return cls(attempts=1, unavailable_patience=0)
 
     def backoff(self, retry_number: int, rng: random.Random | None = None) -> float:
-        """Seconds to wait before retry number ``retry_number`` (1 for the first retry)."""
-        cap = min(self.backoff_max, self.backoff_base * (2 ** max(0, retry_number - 1)))
+        """Seconds to wait before retry number ``retry_number`` (1 for the first retry)
+        when the endpoint gave no ``Retry-After``: ``backoff_base`` doubled per retry,
+        capped at ``backoff_max``; with full jitter, uniform in ``[0, that]``."""
+        cap = self._cap(retry_number)
         if self.jitter == "none":
             return cap
         return (rng or random).uniform(0.0, cap)
 
+    def _cap(self, retry_number: int) -> float:
+        # the exponent is bounded: thousands of retries (503 patience) never overflow
+        return min(self.backoff_max, self.backoff_base * 2.0 ** min(max(0, retry_number - 1), 62))
+
     def wait_for(self, retry_number: int, retry_after: float | None, rng: random.Random | None = None) -> float:
-        """The wait before a retry: ``Retry-After`` when honoured, else the backoff."""
-        if retry_after is not None and self.respect_retry_after:
-            return min(retry_after, self.max_retry_after)
-        return self.backoff(retry_number, rng)
+        """The wait before retry number ``retry_number``.
+
+        Without a ``Retry-After`` (or with ``respect_retry_after=False``): :meth:`backoff`.
+        With one, the wait is at least ``min(retry_after, max_retry_after)`` and never
+        under half the backoff cap ``b`` (so ``Retry-After: 0`` can't make every caller
+        come straight back); full jitter adds ``uniform(0, b/2)`` on top, so callers
+        told the same ``Retry-After`` don't all return in the same instant:
+        ``max(r, b/2) + uniform(0, b/2)`` (``jitter="none"``: ``max(r, b)``).
+        """
+        if retry_after is None or not self.respect_retry_after:
+            return self.backoff(retry_number, rng)
+        r = min(max(0.0, retry_after), self.max_retry_after)
+        cap = self._cap(retry_number)
+        if self.jitter == "none":
+            return max(r, cap)
+        return max(r, cap / 2) + (rng or random).uniform(0.0, cap / 2)
