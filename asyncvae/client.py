@@ -69,6 +69,9 @@ _DEPRECATED_TENSOR_TYPES = ("input_tensor_type", "output_tensor_type")
 _PLANS = 64
 #: Request bodies above this many bytes are copied off the event loop.
 _BIG_COPY = 8 << 20
+#: No attempt is started with less than this left of ``Timeout.total``: it could not
+#: finish, and it would cost the endpoint work for nothing.
+_MIN_ATTEMPT = 0.01
 
 
 def decode_options(kw: dict[str, Any]) -> DecodeOptions:
@@ -422,6 +425,8 @@ class Client:
 
     async def _submit(self, op: _Op, wire: WireRequest, on_progress: Any = None) -> tuple[Any, int]:
         """One item through the engine: ``(value, answer bytes)``."""
+        if self._loop is None:
+            self._start()
         if self._broken is not None:
             raise self._broken
         stats = self.stats
@@ -495,11 +500,10 @@ class Client:
         attempt_limit = self.timeout.attempt
         if ctx.deadline is not None:
             left = ctx.deadline - time.monotonic()
-            if left <= 0:
+            if left < _MIN_ATTEMPT:
                 if probe:
                     ep.probing = False
-                raise TransportError("Timeout.total passed before the attempt started", kind="timeout",
-                                     retryable=False)
+                raise self._deadline_passed("for its turn")
             attempt_limit = left if attempt_limit is None else min(attempt_limit, left)
         if attempt_limit is not None:
             deadline = loop.time() + attempt_limit
@@ -509,7 +513,7 @@ class Client:
             if len(self._urlcache) > 1024:
                 self._urlcache.clear()
             url = self._urlcache[key] = ep.url.extend_query(wire.params) if wire.params else ep.url
-        headers = self._headers + (wire.headers if isinstance(wire.headers, tuple) else tuple(wire.headers.items()))
+        headers = self._headers + tuple(wire.headers.items())
         stats = self.stats
         stats.requests += 1
         stats.bytes_out += wire.nbytes

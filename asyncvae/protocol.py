@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
@@ -117,7 +118,7 @@ class WireRequest:
     headers, the body (a zero-copy view where possible) and what the answer must be."""
 
     params: tuple[tuple[str, str], ...]
-    headers: Mapping[str, str] | tuple[tuple[str, str], ...]
+    headers: Mapping[str, str]
     body: memoryview | bytes
     expect: ResponseKind
     #: The answer's expected size in bytes, where the request tells (tensor answers:
@@ -316,7 +317,7 @@ class _Facts:
 
     __slots__ = ("batch_key", "dtype", "expect", "headers", "leading", "params", "shape", "size_hint")
 
-    def __init__(self, params: tuple[tuple[str, str], ...], headers: tuple[tuple[str, str], ...],
+    def __init__(self, params: tuple[tuple[str, str], ...], headers: Mapping[str, str],
                  expect: ResponseKind, size_hint: int, shape: tuple[int, ...], dtype: str,
                  batch_key: Any) -> None:
         self.params = params
@@ -328,6 +329,9 @@ class _Facts:
         self.leading = shape[0] if shape else 1
         self.batch_key = batch_key
 
+
+#: Encode requests carry no headers of their own (the reference client sends none).
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 #: Distinct shapes a plan remembers (a job of a million items sees a handful).
 _PLAN_CACHE = 256
@@ -346,7 +350,7 @@ class DecodePlan:
     def __init__(self, opts: DecodeOptions) -> None:
         opts.check()
         self.opts = opts
-        self._headers = ((HEADER_CONTENT_TYPE, CONTENT_TYPE_TENSOR), (HEADER_ACCEPT, opts.accept))
+        self._headers = {HEADER_CONTENT_TYPE: CONTENT_TYPE_TENSOR, HEADER_ACCEPT: opts.accept}
         self._cache: dict[Any, _Facts] = {}
 
     def facts(self, tensor: Any) -> _Facts:
@@ -362,7 +366,7 @@ class DecodePlan:
             name = dtype_name(tensor.dtype)
             batch_key = None
             if opts.expects_tensor and len(shape) in (3, 4):
-                batch_key = ("decode", opts.params(("*", *shape[1:]), name), self._headers)
+                batch_key = ("decode", opts.params(("*", *shape[1:]), name), opts.accept)
             f = _Facts(
                 opts.params(shape, name), self._headers, opts.expect, decode_size_hint(shape, opts),
                 shape, name, batch_key,
@@ -488,7 +492,7 @@ class EncodePlan:
             shape = tuple(image.shape)
             batch = shape[0] if len(shape) == 4 else 1
             batch_key = ("encode", self._tensor_params(("*", *shape[1:]), name)) if len(shape) == 4 else None
-            f = _Facts(self._tensor_params(shape, name), (), "tensor", encode_size_hint(batch, h, w),
+            f = _Facts(self._tensor_params(shape, name), _NO_HEADERS, "tensor", encode_size_hint(batch, h, w),
                        shape, name, batch_key)
             if len(self._cache) >= _PLAN_CACHE:
                 self._cache.clear()
@@ -507,13 +511,13 @@ class EncodePlan:
         if isinstance(image, Image.Image):
             if image.width < SPATIAL_FACTOR or image.height < SPATIAL_FACTOR:
                 raise InputError(f"image is {image.width}x{image.height}; it must be at least 8x8 pixels")
-            return WireRequest(self._params, (), pil_to_png(image), "tensor",
+            return WireRequest(self._params, _NO_HEADERS, pil_to_png(image), "tensor",
                                encode_size_hint(1, image.height, image.width))
         raise InputError(f"image must be a PIL.Image.Image or a torch.Tensor, got {type(image).__name__}")
 
     def stacked(self, shape: tuple[int, ...], dtype: str, body: bytes) -> WireRequest:
         """One request for several same-shaped image tensors joined along dim 0."""
-        return WireRequest(self._tensor_params(shape, dtype), (), body, "tensor",
+        return WireRequest(self._tensor_params(shape, dtype), _NO_HEADERS, body, "tensor",
                            encode_size_hint(shape[0], shape[-2], shape[-1]), shape)
 
 

@@ -79,10 +79,14 @@ class _LoopThread:
         key = (generation, endpoint)
         c = self.clients.get(key)
         if c is None:
-            for old_key in [k for k in self.clients if k[0] != generation]:
-                self._retire(self.clients.pop(old_key))
+            self.retire_before(generation)
             c = self.clients[key] = Client(endpoint, **kwargs)
         return c
+
+    def retire_before(self, generation: int) -> None:
+        """Retire the clients of older generations (closed now if idle, else when idle)."""
+        for old_key in [k for k in self.clients if k[0] < generation]:
+            self._retire(self.clients.pop(old_key))
 
     def _retire(self, c: Client) -> None:
         if self.active.get(c, 0) == 0:
@@ -200,6 +204,11 @@ def configure(**client_kwargs: Any) -> None:
     with _lock:
         _client_kwargs = dict(client_kwargs)
         _generation += 1
+        generation, r = _generation, _runner
+    if r is not None and r.thread.is_alive():
+        # close the idle clients of the old options now (busy ones once they are idle)
+        with contextlib.suppress(RuntimeError):
+            r.loop.call_soon_threadsafe(r.retire_before, generation)
 
 
 def shutdown() -> None:

@@ -121,17 +121,20 @@ class _MemoryResponse(Response):
 class MemoryTransport(Transport):
     """A :class:`Transport` whose answers come from ``handler(request)``.
 
-    ``requests`` records every request sent (method, URL, headers, body bytes).
+    ``requests`` records every request sent (method, URL, headers, body bytes), unless
+    ``record=False`` (long runs).
     """
 
     handler: Handler
+    record: bool = True
     requests: list[Request] = field(default_factory=list)
     closed: bool = False
 
     async def send(self, request: Request, *, deadline: float | None = None) -> Response:
         if self.closed:
             raise TransportError("transport is closed", retryable=False, kind="connection")
-        self.requests.append(Request(request.method, request.url, tuple(request.headers), bytes(request.body)))
+        if self.record:
+            self.requests.append(Request(request.method, request.url, tuple(request.headers), bytes(request.body)))
         answer = self.handler(request)
         if inspect.isawaitable(answer):
             if deadline is not None:
