@@ -463,6 +463,14 @@ class Client:
         except TimeoutError:
             raise self._deadline_passed(what) from None
 
+    async def _slot(self, ctx: CallContext) -> None:
+        """Wait in line for a request slot (counted in ``stats.queued``)."""
+        self.stats._queued(1)
+        try:
+            await self._wait(self._slots.acquire(1), ctx, "for a request slot (max_concurrency)")
+        finally:
+            self.stats._queued(-1)
+
     async def _direct(self, op: _Op, wire: WireRequest, on_progress: Any) -> tuple[Any, int]:
         ctx = self._policy.context(self.timeout.total)
         if wire.size_hint and (self._budget.waiting or self._budget.used + wire.size_hint > self._budget.limit):
@@ -472,7 +480,7 @@ class Client:
         with lease:
             slots = self._slots
             if slots._waiters or slots._value < 1:
-                await self._wait(slots.acquire(1), ctx, "for a request slot (max_concurrency)")
+                await self._slot(ctx)
             else:
                 slots._value -= 1
             self.stats._in_flight(1)
@@ -549,8 +557,7 @@ class Client:
         ctx_deadline = None if self.timeout.total is None else time.monotonic() + self.timeout.total
         slots = self._slots
         if slots._waiters or slots._value < 1:
-            ctx = CallContext(ctx_deadline)
-            await self._wait(slots.acquire(1), ctx, "for a request slot (max_concurrency)")
+            await self._slot(CallContext(ctx_deadline))
         else:
             slots._value -= 1
         try:
