@@ -25,7 +25,14 @@ from .errors import (
     RetryExhausted,
     TransportError,
 )
-from .sync import configure, remote_decode, remote_decode_batch, remote_encode, remote_encode_batch, shutdown
+from .sync import (
+    configure,
+    remote_decode,
+    remote_decode_batch,
+    remote_encode,
+    remote_encode_batch,
+    shutdown,
+)
 
 __version__ = "0.1.0"
 
