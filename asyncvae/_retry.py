@@ -30,9 +30,20 @@ from tenacity.wait import wait_base
 from .config import Retry
 from .errors import AsyncVAEError, EndpointError, RetryExhausted, error_kind
 
-__all__ = ["CallContext", "RetryPolicy"]
+__all__ = ["CallContext", "NoTimeLeft", "RetryPolicy"]
 
 T = TypeVar("T")
+
+
+class NoTimeLeft(Exception):
+    """Raised by an attempt function that finds no time left before the call's deadline
+    (so it sends nothing); :meth:`RetryPolicy.run` turns it into
+    :class:`~asyncvae.RetryExhausted` naming the last real failure, or ``cause`` when
+    there was none."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class CallContext:
@@ -172,6 +183,8 @@ class RetryPolicy:
             if not self.retryable(e):
                 raise
             first: BaseException = e
+        except NoTimeLeft as e:
+            raise RetryExhausted(e.cause, 0, reason="deadline passed") from None
         # tenacity from here on; the first failure is replayed as its attempt 1
         attempts = 1
         last: BaseException = first
@@ -188,6 +201,9 @@ class RetryPolicy:
             attempts += 1
             try:
                 return await attempt(c)
+            except NoTimeLeft:
+                attempts -= 1  # nothing was sent
+                raise RetryExhausted(last, attempts, reason="deadline passed") from None
             except BaseException as e:
                 last = e
                 raise

@@ -42,7 +42,7 @@ from ._coalesce import Coalescer, Pending, split, stack_body
 from ._exchange import Reply, exchange
 from ._many import ManyIterator
 from ._pool import EndpointPool
-from ._retry import CallContext, RetryPolicy
+from ._retry import CallContext, NoTimeLeft, RetryPolicy
 from ._stats import Stats
 from .config import Limits, Retry, Timeout
 from .errors import (
@@ -191,7 +191,8 @@ class Client:
         transport: ``"native"`` (default: HTTP/1.1 on asyncio, bodies streamed straight
             into the result tensor), ``"aiohttp"``, or a
             :class:`~asyncvae.transport.Transport` instance (e.g. a
-            :class:`~asyncvae.transport.memory.MemoryTransport` in tests).
+            :class:`~asyncvae.transport.memory.MemoryTransport` in tests), which the
+            client then owns and closes.
 
     A client belongs to the event loop it is first used in. Close it with
     ``async with`` or :meth:`aclose`: every call still waiting or running then ends
@@ -511,7 +512,7 @@ class Client:
             if left < _MIN_ATTEMPT:
                 if probe:
                     ep.probing = False
-                raise self._deadline_passed("for its turn")
+                raise NoTimeLeft(self._deadline_passed("for its turn").last)
             attempt_limit = left if attempt_limit is None else min(attempt_limit, left)
         if attempt_limit is not None:
             deadline = loop.time() + attempt_limit

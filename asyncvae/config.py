@@ -49,25 +49,26 @@ class Limits(_Value):
     """How much a :class:`~asyncvae.Client` may have going at once.
 
     Attributes:
-        max_concurrency: requests in flight at once, over all endpoints (default 64).
+        max_concurrency: items in flight at once, over all endpoints and callers
+            (default 64): FIFO request slots; a coalesced batch of k items holds k.
             Each endpoint replica serves one request at a time and queues the rest, so
             a few per replica keep every queue non-empty.
-        max_queued: items accepted but not yet sent (default 256). Submitting more
-            waits: this is the backpressure on producers.
-        max_inflight_bytes: response bytes held by the client at once — buffers being
-            filled plus results not yet handed to the caller (default 1 GiB). A
-            response that would exceed it waits for room; one response larger than the
-            whole budget is let through alone.
+        max_queued: items a ``decode_many``/``encode_many`` reads ahead of sending
+            (default 256), so a slow input never leaves a slot idle.
+        max_inflight_bytes: answer bytes being received and converted, reserved before
+            each request is sent from the size the request implies (default 1 GiB);
+            also each ``*_many``'s bound on finished results its consumer has not taken.
+            One answer larger than the whole budget is let through alone.
         max_response_bytes: the largest response accepted (default 4 GiB); a server
             declaring more gets a :class:`~asyncvae.ProtocolError` before any allocation.
         max_connections_per_host: TCP connections per endpoint host; 0 means
             ``max_concurrency`` (default 0).
         keepalive_timeout: seconds an idle pooled connection is kept (default 30).
-        max_reorder: for ordered ``decode_many``/``encode_many``, how far intake may
-            run ahead of the oldest unfinished item; 0 means ``max_concurrency + max_queued``.
-        max_batch: request coalescing — up to this many queued items with the same
-            shape, dtype and options (tensor outputs only) are sent as one batched
-            request and split back (default 1: off).
+        max_reorder: how many items a ``*_many`` may hold taken but not yet handed over
+            (how far it runs ahead of a slow item); 0 means ``max_concurrency + max_queued``.
+        max_batch: request coalescing — up to this many items with the same shape,
+            dtype and options (tensor outputs only) are sent as one batched request and
+            split back (default 1: off).
         max_batch_wait: seconds a partial batch waits for more items (default 0.005).
     """
 
@@ -107,7 +108,10 @@ class Timeout(_Value):
         read: between two chunks of the response, including the wait for the first
             byte while the endpoint queues and computes (default 120).
         attempt: one whole attempt, send to last byte (default None).
-        total: one whole call across all its retries and backoff waits (default None).
+        total: one whole call from the moment it is made: the waits for room (budget,
+            a request slot), every attempt and backoff (default None). A call whose
+            deadline passes while it waits sends nothing, and no attempt starts with
+            less than 10 ms left.
     """
 
     connect: float | None = 10.0
