@@ -120,25 +120,26 @@ class _Op:
     """One kind of call (decode or encode) with its checked options: prepares requests
     and turns answers into the caller's values."""
 
-    __slots__ = ("client", "kind", "opts", "plan")
+    __slots__ = ("client", "headers", "kind", "opts", "plan")
 
     def __init__(self, client: Client, kind: str, plan: DecodePlan | EncodePlan) -> None:
         self.client = client
         self.kind = kind
         self.plan = plan
         self.opts = plan.opts if isinstance(plan, DecodePlan) else None
+        #: every request header of this kind of call (the client's, then the plan's)
+        self.headers: tuple[tuple[str, str], ...] = client._headers + tuple(plan.headers.items())
 
     def prepare(self, item: Any, copy: bool) -> Any:
         """A :class:`WireRequest` for ``item``, or a callable that makes one in a thread
         (large PIL images, device or very large tensors)."""
-        if isinstance(item, Image.Image) and item.width * item.height > protocol.PNG_THREAD_PIXELS:
+        if isinstance(item, torch.Tensor):
+            if item.layout is torch.strided and (not item.is_cpu or item.nbytes > _BIG_COPY):
+                self.plan.facts(item)  # bad input fails now, on the caller's side
+                return functools.partial(self.plan.request, item, copy=copy)
+        elif isinstance(item, Image.Image) and item.width * item.height > protocol.PNG_THREAD_PIXELS:
             snap = item.copy() if copy else item
             return functools.partial(self.plan.request, snap)
-        if isinstance(item, torch.Tensor) and (
-            item.device.type != "cpu" or item.numel() * item.element_size() > _BIG_COPY
-        ):
-            self.plan.facts(item)  # bad input fails now, on the caller's side
-            return functools.partial(self.plan.request, item, copy=copy)
         return self.plan.request(item, copy=copy)
 
     async def finish(self, reply: Reply | torch.Tensor) -> Any:
@@ -257,7 +258,7 @@ class Client:
         self._closed: ClientClosedError | None = None
         self._broken: BaseException | None = None
         self._urlcache: dict[tuple[int, tuple[tuple[str, str], ...]], URL] = {}
-        self._plans: dict[Any, _Op] = {}
+        self._ops: dict[Any, _Op] = {}
         self._iterators: weakref.WeakSet[ManyIterator] = weakref.WeakSet()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sleepers: set[asyncio.Future[None]] = set()
@@ -381,22 +382,24 @@ class Client:
 
     # ------------------------------------------------------------------ plans
     def _op(self, kind: str, options: dict[str, Any]) -> _Op:
-        if kind == "decode":
-            opts: Any = decode_options(options)
-        else:
-            opts = encode_options(options)
-        key = (kind, opts)
+        """The checked options of a call, cached by the keywords as given (with their
+        types: ``1`` and ``1.0`` format differently on the wire)."""
         try:
-            op = self._plans.get(key)
-        except TypeError:  # an unhashable processor: no caching
-            key, op = None, None
-        if op is None:
-            plan = DecodePlan(opts) if kind == "decode" else EncodePlan(*opts)
-            op = _Op(self, kind, plan)
-            if key is not None:
-                if len(self._plans) >= _PLANS:
-                    self._plans.clear()
-                self._plans[key] = op
+            raw: Any = (kind, *((k, type(v), v) for k, v in options.items()))
+            op = self._ops.get(raw)
+        except TypeError:  # an unhashable option value (a processor): no caching
+            raw, op = None, None
+        if op is not None:
+            return op
+        if kind == "decode":
+            plan: DecodePlan | EncodePlan = DecodePlan(decode_options(dict(options)))
+        else:
+            plan = EncodePlan(*encode_options(options))
+        op = _Op(self, kind, plan)
+        if raw is not None:
+            if len(self._ops) >= _PLANS:
+                self._ops.clear()
+            self._ops[raw] = op
         return op
 
     # ------------------------------------------------------------------ single calls
@@ -486,14 +489,17 @@ class Client:
                 slots._value -= 1
             self.stats._in_flight(1)
             try:
-                reply = await self._policy.run(functools.partial(self._attempt, wire, lease, on_progress), ctx)
+                reply = await self._policy.run(
+                    functools.partial(self._attempt, wire, op.headers, lease, on_progress), ctx
+                )
             finally:
                 self.stats._in_flight(-1)
                 slots.release(1)
             value = await op.finish(reply)
             return value, reply.bytes_in
 
-    async def _attempt(self, wire: WireRequest, lease: Lease | None, on_progress: Any, ctx: CallContext) -> Reply:
+    async def _attempt(self, wire: WireRequest, headers: tuple[tuple[str, str], ...], lease: Lease | None,
+                       on_progress: Any, ctx: CallContext) -> Reply:
         """One attempt at the chosen endpoint."""
         if self._closed is not None:
             raise self._closed
@@ -522,7 +528,6 @@ class Client:
             if len(self._urlcache) > 1024:
                 self._urlcache.clear()
             url = self._urlcache[key] = ep.url.extend_query(wire.params) if wire.params else ep.url
-        headers = self._headers + tuple(wire.headers.items())
         stats = self.stats
         stats.requests += 1
         stats.bytes_out += wire.nbytes
@@ -592,7 +597,9 @@ class Client:
             with await self._budget.reserve(wire.size_hint) as lease:
                 self.stats._in_flight(len(batch))
                 try:
-                    reply = await self._policy.run(functools.partial(self._attempt, wire, lease, None), ctx)
+                    reply = await self._policy.run(
+                        functools.partial(self._attempt, wire, op.headers, lease, None), ctx
+                    )
                 finally:
                     self.stats._in_flight(-len(batch))
             assert reply.tensor is not None

@@ -92,9 +92,9 @@ def tensor_body(tensor: torch.Tensor, *, copy: bool = False) -> memoryview:
     With ``copy=True`` the view never shares memory with ``tensor`` — a snapshot that
     later writes to the tensor can't change.
     """
-    t = tensor.detach()
+    t = tensor.detach() if tensor.requires_grad else tensor
     fresh = False
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         t = t.cpu()
         fresh = True
     if not t.is_contiguous():
@@ -345,12 +345,13 @@ class DecodePlan:
     by ``(shape, dtype)``.
     """
 
-    __slots__ = ("_cache", "_headers", "opts")
+    __slots__ = ("_cache", "headers", "opts")
 
     def __init__(self, opts: DecodeOptions) -> None:
         opts.check()
         self.opts = opts
-        self._headers = {HEADER_CONTENT_TYPE: CONTENT_TYPE_TENSOR, HEADER_ACCEPT: opts.accept}
+        #: the request headers of every request of this plan
+        self.headers: Mapping[str, str] = {HEADER_CONTENT_TYPE: CONTENT_TYPE_TENSOR, HEADER_ACCEPT: opts.accept}
         self._cache: dict[Any, _Facts] = {}
 
     def facts(self, tensor: Any) -> _Facts:
@@ -368,7 +369,7 @@ class DecodePlan:
             if opts.expects_tensor and len(shape) in (3, 4):
                 batch_key = ("decode", opts.params(("*", *shape[1:]), name), opts.accept)
             f = _Facts(
-                opts.params(shape, name), self._headers, opts.expect, decode_size_hint(shape, opts),
+                opts.params(shape, name), self.headers, opts.expect, decode_size_hint(shape, opts),
                 shape, name, batch_key,
             )
             if len(self._cache) >= _PLAN_CACHE:
@@ -386,7 +387,7 @@ class DecodePlan:
         """One request for several same-shaped latents whose bodies were joined along
         dim 0 (request coalescing); ``shape`` is the stacked shape."""
         return WireRequest(
-            self.opts.params(shape, dtype), self._headers, body, self.opts.expect,
+            self.opts.params(shape, dtype), self.headers, body, self.opts.expect,
             decode_size_hint(shape, self.opts), shape,
         )
 
@@ -452,6 +453,9 @@ class EncodePlan:
     """An encode call's options, checked once; :meth:`request` builds one request."""
 
     __slots__ = ("_cache", "_params", "scaling_factor", "shift_factor")
+
+    #: encode requests carry no headers of their own (the reference client sends none)
+    headers: Mapping[str, str] = MappingProxyType({})
 
     def __init__(self, scaling_factor: float | None = None, shift_factor: float | None = None) -> None:
         check_scale(scaling_factor, shift_factor)
