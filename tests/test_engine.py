@@ -474,15 +474,18 @@ async def test_coalescing_only_joins_the_same_shape_dtype_and_options():
 
 
 async def test_per_host_connection_limit_and_keep_alive(make_server):
+    from asyncvae.transport.native import NativeTransport
+
     srv = make_server(delay_ms=50, replicas=8)
     lim = Limits(max_concurrency=16, max_connections_per_host=2)
     async with Client(srv.url, limits=lim) as c:
         await collect(c.decode_many([lat() for _ in range(40)], **PT))
         assert srv.stats()["max_in_flight"] <= 2
-    async with Client(srv.url, limits=Limits(max_concurrency=4)) as c:
+    transport = NativeTransport(limit=4)
+    async with Client(srv.url, limits=Limits(max_concurrency=4), transport=transport) as c:
         await collect(c.decode_many([lat() for _ in range(40)], **PT))
         # 40 requests over at most 4 kept-alive connections
-        assert srv.stats()["max_in_flight"] <= 4
+        assert transport.connections()["opened"] <= 4
 
 
 async def test_client_headers_and_scale_up_timeout_are_sent():
