@@ -17,6 +17,7 @@ from .client import Client
 from .config import Limits, Retry, Timeout
 from .errors import (
     AsyncVAEError,
+    ClientClosedError,
     EndpointError,
     InputError,
     ItemError,
@@ -24,13 +25,21 @@ from .errors import (
     RetryExhausted,
     TransportError,
 )
-from .sync import configure, remote_decode, remote_decode_batch, remote_encode, remote_encode_batch
+from .sync import (
+    configure,
+    remote_decode,
+    remote_decode_batch,
+    remote_encode,
+    remote_encode_batch,
+    shutdown,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncVAEError",
     "Client",
+    "ClientClosedError",
     "EndpointError",
     "InputError",
     "ItemError",
@@ -47,4 +56,5 @@ __all__ = [
     "remote_decode_batch",
     "remote_encode",
     "remote_encode_batch",
+    "shutdown",
 ]

@@ -1,17 +1,32 @@
-"""Counters and a latency histogram for a :class:`~asyncvae.Client` (``client.stats``)."""
+"""Counters and a latency histogram for a :class:`~asyncvae.Client` (``client.stats``).
+
+Recording is on the hot path of every item, so it is cheap: counters are plain ints,
+latencies are appended to an array and folded into the HdrHistogram in bulk (numpy
+groups them by histogram bucket first), and listeners are only called when there are
+any. A listener that raises is logged and keeps its place; it never reaches the engine.
+"""
 
 from __future__ import annotations
 
+import logging
+from array import array
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from hdrh.histogram import HdrHistogram
 
 Listener = Callable[[str, "Stats"], None]
 
+log = logging.getLogger("asyncvae")
+
 #: Latencies are recorded in microseconds, from 1 µs to one hour, 3 significant digits.
 _HIST_ARGS = (1, 3_600_000_000, 3)
+#: 3 significant digits: values share a histogram slot below 2**11 distinct mantissas.
+_SUB_BUCKET_BITS = 11
+#: Latencies waiting to be folded into the histogram.
+_FOLD_AT = 4096
 
 
 class Stats:
@@ -21,11 +36,14 @@ class Stats:
         submitted / completed / failed: items accepted, finished well, finished with an error.
         requests: HTTP attempts sent (a coalesced batch is one request; retries count).
         batches / coalesced: coalesced requests sent, and the items they carried.
-        retries: ``Counter`` of retry causes (``http_503``, ``timeout``, ``protocol`` …).
-        errors: ``Counter`` of final failure kinds of items.
+        retries: ``Counter`` of retry causes, in :func:`asyncvae.errors.error_kind`'s
+            words (``http_503``, ``timeout``, ``protocol`` …).
+        errors: ``Counter`` of final failure kinds of items (same words).
         bytes_out / bytes_in: request and response body bytes.
-        queued / in_flight / inflight_bytes: current values; ``peak_*`` their maxima.
+        queued / in_flight / inflight_bytes: items waiting for a request slot, items in
+            flight, response bytes reserved in the byte budget; ``peak_*`` their maxima.
         latency: an ``HdrHistogram`` of item latencies (submit → result) in microseconds.
+        listener_errors: exceptions raised by listeners (logged, then ignored).
     """
 
     def __init__(self) -> None:
@@ -46,14 +64,18 @@ class Stats:
         self.peak_in_flight = 0
         self.peak_inflight_bytes = 0
         self.retry_waits: list[float] = []
-        self.latency = HdrHistogram(*_HIST_ARGS)
+        self.listener_errors = 0
+        self._pending = array("q")
+        self._hist = HdrHistogram(*_HIST_ARGS)
         self._listeners: list[Listener] = []
 
     # ---- listeners (progress bars)
     def add_listener(self, fn: Listener) -> None:
         """Call ``fn(event, stats)`` on ``"completed"``, ``"failed"`` and ``"retry"`` events.
 
-        Listeners run on the client's event loop and must be quick (update a bar)."""
+        Listeners run on the client's event loop and must be quick (update a bar). One
+        that raises is logged (``logging.getLogger("asyncvae")``) and left in place; the
+        request it was told about is not affected."""
         self._listeners.append(fn)
 
     def remove_listener(self, fn: Listener) -> None:
@@ -61,40 +83,82 @@ class Stats:
 
     def _emit(self, event: str) -> None:
         for fn in list(self._listeners):
-            fn(event, self)
+            try:
+                fn(event, self)
+            except Exception:
+                self.listener_errors += 1
+                if self.listener_errors <= 3:
+                    log.exception("asyncvae: a Stats listener raised on %r (ignored)", event)
 
-    # ---- recording (client internals)
+    # ---- recording (engine internals)
     def _item_done(self, seconds: float) -> None:
         self.completed += 1
-        self.latency.record_value(max(1, int(seconds * 1e6)))
-        self._emit("completed")
+        p = self._pending
+        p.append(int(seconds * 1e6))
+        if len(p) >= _FOLD_AT:
+            self._fold()
+        if self._listeners:
+            self._emit("completed")
 
     def _item_failed(self, kind: str) -> None:
         self.failed += 1
         self.errors[kind] += 1
-        self._emit("failed")
+        if self._listeners:
+            self._emit("failed")
 
     def _retry(self, cause: str, wait: float) -> None:
         self.retries[cause] += 1
         if len(self.retry_waits) < 10_000:
             self.retry_waits.append(wait)
-        self._emit("retry")
+        if self._listeners:
+            self._emit("retry")
 
-    def _set(self, name: str, value: int) -> None:
-        setattr(self, name, value)
-        peak = "peak_" + name
-        if value > getattr(self, peak):
-            setattr(self, peak, value)
+    def _in_flight(self, delta: int) -> None:
+        v = self.in_flight = self.in_flight + delta
+        if v > self.peak_in_flight:
+            self.peak_in_flight = v
+
+    def _queued(self, delta: int) -> None:
+        v = self.queued = self.queued + delta
+        if v > self.peak_queued:
+            self.peak_queued = v
+
+    def _bytes(self, used: int) -> None:
+        self.inflight_bytes = used
+        if used > self.peak_inflight_bytes:
+            self.peak_inflight_bytes = used
+
+    def _fold(self) -> None:
+        """Move pending latencies into the histogram, grouped by histogram slot."""
+        if not self._pending:
+            return
+        v = np.clip(np.frombuffer(self._pending, dtype=np.int64), _HIST_ARGS[0], _HIST_ARGS[1])
+        self._pending = array("q")
+        exp = np.frexp(v.astype(np.float64))[1]  # bit length
+        shift = np.maximum(exp - _SUB_BUCKET_BITS, 0)
+        lowest = (v >> shift) << shift
+        values, counts = np.unique(lowest, return_counts=True)
+        record = self._hist.record_value
+        for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+            record(value, count)
 
     # ---- reading
+    @property
+    def latency(self) -> HdrHistogram:
+        """Item latencies (µs) as an ``HdrHistogram``."""
+        self._fold()
+        return self._hist
+
     def percentile_ms(self, q: float) -> float:
         """Item latency at percentile ``q`` (0–100), in milliseconds (0 with no data)."""
-        if self.latency.get_total_count() == 0:
+        h = self.latency
+        if h.get_total_count() == 0:
             return 0.0
-        return self.latency.get_value_at_percentile(q) / 1000.0
+        return h.get_value_at_percentile(q) / 1000.0
 
     def snapshot(self) -> dict[str, Any]:
         """All figures as a JSON-ready dict."""
+        h = self.latency
         return {
             "submitted": self.submitted,
             "completed": self.completed,
@@ -116,7 +180,7 @@ class Stats:
                 "p50": self.percentile_ms(50),
                 "p90": self.percentile_ms(90),
                 "p99": self.percentile_ms(99),
-                "max": self.latency.get_max_value() / 1000.0 if self.latency.get_total_count() else 0.0,
+                "max": h.get_max_value() / 1000.0 if h.get_total_count() else 0.0,
             },
         }
 

@@ -1,273 +1,82 @@
-"""The engine: :class:`Client` — one connection pool, a bounded work queue, a fixed set
-of workers, retries with backoff, byte-bounded buffering, request coalescing, many
-endpoints, and ordered results.
+"""The engine's front: :class:`Client`, a thin facade over parts that each have one job.
 
-Data flow: ``decode()``/``decode_many()`` validate and build a request
-(:mod:`asyncvae.protocol`, nothing is sent for bad input) → a job enters the bounded
-queue (submitters wait when it is full) → a worker takes it (or a batch of matching
-jobs), picks the least-loaded healthy endpoint and runs one exchange
-(:mod:`asyncvae.transport`) inside the retry loop → the payload becomes the caller's
-value (:mod:`asyncvae.convert`) → the job's future. ``decode_many`` reassembles
-results in input order within a bounded window.
+==========================  ==========================================================
+part                        job
+==========================  ==========================================================
+``protocol.DecodePlan``     options checked once; per-shape request facts cached
+``_budget.FifoSemaphore``   request slots (``max_concurrency`` items in flight), FIFO
+``_budget.ByteBudget``      response bytes, reserved as a lease *before* sending
+``_pool.EndpointPool``      least-outstanding choice, health, rests, Retry-After rests
+``_retry.RetryPolicy``      retry / stop / wait, once per client, in tenacity's terms
+``_exchange.exchange``      one attempt: redirects, credentials, sized streamed body
+``_coalesce.Coalescer``     same-shaped items batched into one request, split back
+``_many.ManyIterator``      ``*_many``: lazy snapshotted intake, runners, ordered results
+``transport.*Transport``    sockets: native HTTP/1.1, aiohttp, or in-memory
+==========================  ==========================================================
+
+A single call runs in its caller's task: reserve its answer's bytes → take a slot →
+attempt (retrying as the policy says) → convert → release. Nothing is queued to a
+worker; backpressure is the wait for a slot or for budget, both FIFO, both ended with
+:class:`~asyncvae.ClientClosedError` when the client closes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
-import inspect
+import functools
 import os
-import random
 import ssl as ssl_module
 import time
 import warnings
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+import weakref
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal
 
-import aiohttp
 import torch
-from tenacity import AsyncRetrying, RetryCallState, RetryError, retry_if_exception
+from PIL import Image
 from yarl import URL
 
-from . import convert, protocol, transport
+from . import convert, protocol
+from ._budget import ByteBudget, FifoSemaphore, Lease
+from ._coalesce import Coalescer, Pending, split, stack_body
+from ._exchange import Reply, exchange
+from ._many import ManyIterator
+from ._pool import EndpointPool
+from ._retry import CallContext, NoTimeLeft, RetryPolicy
 from ._stats import Stats
 from .config import Limits, Retry, Timeout
 from .errors import (
     AsyncVAEError,
-    EndpointError,
+    ClientClosedError,
     InputError,
-    ItemError,
-    ProtocolError,
     RetryExhausted,
     TransportError,
     error_kind,
 )
-from .protocol import DecodeOptions, WireRequest
+from .protocol import DecodeOptions, DecodePlan, EncodePlan, WireRequest
+from .transport import Timeouts, Transport
 
 __all__ = ["Client"]
 
 OnError = Literal["yield", "raise"]
+TransportChoice = Literal["native", "aiohttp"]
 
 #: Option names ``decode`` accepts (the documented ``remote_decode`` keywords).
 DECODE_OPTIONS = frozenset(DecodeOptions.__dataclass_fields__)
 ENCODE_OPTIONS = frozenset({"scaling_factor", "shift_factor"})
 _DEPRECATED_TENSOR_TYPES = ("input_tensor_type", "output_tensor_type")
-
-#: An endpoint failing this many times in a row is rested.
-REST_AFTER_FAILURES = 3
-REST_MIN = 0.5
-REST_MAX = 30.0
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-class _Waiters:
-    """FIFO of futures to wake: the small primitive under the budget and the queue."""
-
-    def __init__(self) -> None:
-        self._futs: collections.deque[asyncio.Future[None]] = collections.deque()
-
-    def __bool__(self) -> bool:
-        return bool(self._futs)
-
-    async def wait(self) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._futs.append(fut)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self.wake_one()  # we were woken but leave: pass the turn on
-            else:
-                with contextlib.suppress(ValueError):
-                    self._futs.remove(fut)
-            raise
-
-    def wake_all(self) -> None:
-        while self._futs:
-            fut = self._futs.popleft()
-            if not fut.done():
-                fut.set_result(None)
-
-    def wake_one(self) -> None:
-        while self._futs:
-            fut = self._futs.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
+#: Plans (checked options) a client remembers, for repeated single calls.
+_PLANS = 64
+#: Request bodies above this many bytes are copied off the event loop.
+_BIG_COPY = 8 << 20
+#: No attempt is started with less than this left of ``Timeout.total``: it could not
+#: finish, and it would cost the endpoint work for nothing.
+_MIN_ATTEMPT = 0.01
 
 
-class _ByteBudget:
-    """``Limits.max_inflight_bytes``: waits for room (FIFO); one oversize item may pass alone."""
-
-    def __init__(self, limit: int, stats: Stats):
-        self.limit = limit
-        self.used = 0
-        self._stats = stats
-        self._waiters = _Waiters()
-
-    def _fits(self, n: int) -> bool:
-        return self.used == 0 or self.used + n <= self.limit
-
-    async def acquire(self, n: int, urgent: Callable[[], bool] | None = None) -> None:
-        """Take ``n`` bytes, waiting for room. ``urgent()`` true lets it overdraw: the
-        ordered iterator is blocked on exactly this item, and the bytes in use may all
-        be finished results queued behind it, which only it can release."""
-        if n <= 0:
-            return
-        while self._waiters or not self._fits(n):
-            if urgent is not None and urgent():
-                break
-            await self._waiters.wait()
-            if self._fits(n) or (urgent is not None and urgent()):
-                break
-        self.used += n
-        self._stats._set("inflight_bytes", self.used)
-        if self._waiters and self.used < self.limit:
-            self._waiters.wake_one()  # room may remain for the next in line
-
-    def release(self, n: int) -> None:
-        if n <= 0:
-            return
-        self.used -= n
-        self._stats._set("inflight_bytes", self.used)
-        self._waiters.wake_one()
-
-    def recheck(self) -> None:
-        """Wake every waiter to re-test its ``urgent()`` (the ordered head moved)."""
-        if self._waiters:
-            self._waiters.wake_all()
-
-
-class _HeadBudget:
-    """The client's budget as one attempt sees it: may overdraw while one of its
-    jobs is the item an ordered iterator is waiting for."""
-
-    __slots__ = ("_budget", "_jobs")
-
-    def __init__(self, budget: _ByteBudget, jobs: list[_Job]):
-        self._budget = budget
-        self._jobs = jobs
-
-    def _urgent(self) -> bool:
-        return any(j.is_head is not None and j.is_head() for j in self._jobs)
-
-    async def acquire(self, n: int) -> None:
-        await self._budget.acquire(n, self._urgent)
-
-    def release(self, n: int) -> None:
-        self._budget.release(n)
-
-
-@dataclass(eq=False)
-class _Job:
-    op: str  # "decode" | "encode"
-    payload: Any
-    opts: Any  # DecodeOptions | (scaling, shift)
-    request: WireRequest
-    future: asyncio.Future[Any]
-    index: int = -1
-    batch_key: Any = None
-    leading: int = 1
-    deadline: float | None = None
-    submitted: float = field(default_factory=time.perf_counter)
-    on_progress: Callable[[int, int | None], None] | None = None
-    held: int = 0
-    release_on_done: bool = True
-    #: for ordered ``*_many`` jobs: whether the iterator now waits for this one
-    is_head: Callable[[], bool] | None = None
-
-
-class _WorkQueue:
-    """A bounded FIFO whose consumers can take a batch of matching jobs at once."""
-
-    def __init__(self, maxsize: int, stats: Stats):
-        self.maxsize = maxsize
-        self._items: collections.deque[_Job] = collections.deque()
-        self._putters = _Waiters()
-        self._getters = _Waiters()
-        self._stats = stats
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def _changed(self) -> None:
-        self._stats._set("queued", len(self._items))
-
-    async def put(self, job: _Job) -> None:
-        while len(self._items) >= self.maxsize:
-            await self._putters.wait()
-        self._items.append(job)
-        self._changed()
-        self._getters.wake_one()
-
-    def discard(self, job: _Job) -> None:
-        try:
-            self._items.remove(job)
-        except ValueError:
-            return
-        self._changed()
-        self._putters.wake_one()
-
-    def clear(self) -> list[_Job]:
-        items = list(self._items)
-        self._items.clear()
-        self._changed()
-        return items
-
-    async def get_batch(self, max_batch: int, wait: float) -> list[_Job]:
-        while not self._items:
-            await self._getters.wait()
-        batch = [self._items.popleft()]
-        if max_batch > 1 and batch[0].batch_key is not None:
-            self._take_matching(batch, max_batch)
-            if len(batch) < max_batch and wait > 0:
-                self._pass_on()
-                await asyncio.sleep(wait)  # let a partial batch fill up once
-                self._take_matching(batch, max_batch)
-        self._pass_on()
-        return batch
-
-    def _pass_on(self) -> None:
-        self._changed()
-        self._putters.wake_one()
-        if self._items:
-            self._getters.wake_one()
-
-    def _take_matching(self, batch: list[_Job], max_batch: int) -> None:
-        key = batch[0].batch_key
-        keep: list[_Job] = []
-        scanned = 0
-        while self._items and len(batch) < max_batch and scanned < 4 * max_batch:
-            job = self._items.popleft()
-            scanned += 1
-            (batch if job.batch_key == key else keep).append(job)
-        self._items.extendleft(reversed(keep))
-
-
-class _Endpoint:
-    """One replica URL with its load and health."""
-
-    def __init__(self, url: URL, credential: tuple[Any, str] | None):
-        self.url = url
-        self.credential = credential
-        self.outstanding = 0
-        self.failures = 0
-        self.rests = 0
-        self.rested_until = 0.0
-        self.probing = False
-
-    def available(self, now: float) -> bool:
-        return now >= self.rested_until and not self.probing
-
-    def __repr__(self) -> str:
-        return f"<endpoint {self.url.with_query(None)} outstanding={self.outstanding} failures={self.failures}>"
-
-
-def _decode_options(kw: dict[str, Any]) -> DecodeOptions:
+def decode_options(kw: dict[str, Any]) -> DecodeOptions:
+    """The :class:`DecodeOptions` of ``remote_decode``-style keywords (unknown names and
+    the deprecated ``*_tensor_type`` values handled here)."""
     unknown = set(kw) - DECODE_OPTIONS - set(_DEPRECATED_TENSOR_TYPES)
     if unknown:
         raise InputError(
@@ -282,7 +91,7 @@ def _decode_options(kw: dict[str, Any]) -> DecodeOptions:
     return DecodeOptions(**kw)
 
 
-def _encode_options(kw: dict[str, Any]) -> tuple[float | None, float | None]:
+def encode_options(kw: dict[str, Any]) -> tuple[float | None, float | None]:
     unknown = set(kw) - ENCODE_OPTIONS
     if unknown:
         raise InputError(
@@ -291,7 +100,69 @@ def _encode_options(kw: dict[str, Any]) -> tuple[float | None, float | None]:
     return kw.get("scaling_factor"), kw.get("shift_factor")
 
 
-# --------------------------------------------------------------------------- client
+def parse_endpoint(endpoint: Any) -> URL:
+    """Check an endpoint URL (raises :class:`InputError` with what to fix)."""
+    if not isinstance(endpoint, (str, URL)):
+        raise InputError(f"endpoint must be an http(s) URL string, got {type(endpoint).__name__}")
+    try:
+        url = URL(str(endpoint))
+    except (ValueError, TypeError) as e:
+        raise InputError(f"endpoint {endpoint!r} is not a valid URL: {e}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise InputError(
+            f"endpoint {endpoint!r} is not an http(s) URL; expected e.g. "
+            "'https://xxxx.endpoints.huggingface.cloud/' or 'http://127.0.0.1:8000/'"
+        )
+    return url
+
+
+class _Op:
+    """One kind of call (decode or encode) with its checked options: prepares requests
+    and turns answers into the caller's values."""
+
+    __slots__ = ("client", "headers", "kind", "opts", "plan")
+
+    def __init__(self, client: Client, kind: str, plan: DecodePlan | EncodePlan) -> None:
+        self.client = client
+        self.kind = kind
+        self.plan = plan
+        self.opts = plan.opts if isinstance(plan, DecodePlan) else None
+        #: every request header of this kind of call (the client's, then the plan's)
+        self.headers: tuple[tuple[str, str], ...] = client._headers + tuple(plan.headers.items())
+
+    def prepare(self, item: Any, copy: bool) -> Any:
+        """A :class:`WireRequest` for ``item``, or a callable that makes one in a thread
+        (large PIL images, device or very large tensors)."""
+        if isinstance(item, torch.Tensor):
+            if item.layout is torch.strided and (not item.is_cpu or item.nbytes > _BIG_COPY):
+                self.plan.facts(item)  # bad input fails now, on the caller's side
+                return functools.partial(self.plan.request, item, copy=copy)
+        elif isinstance(item, Image.Image) and item.width * item.height > protocol.PNG_THREAD_PIXELS:
+            snap = item.copy() if copy else item
+            return functools.partial(self.plan.request, snap)
+        return self.plan.request(item, copy=copy)
+
+    async def finish(self, reply: Reply | torch.Tensor) -> Any:
+        """The caller's value from an answer (or a coalesced answer's part)."""
+        if self.opts is None:  # encode: the latents as they came
+            return reply.tensor if isinstance(reply, Reply) else reply
+        opts = self.opts
+        if isinstance(reply, torch.Tensor) or reply.tensor is not None:
+            t = reply if isinstance(reply, torch.Tensor) else reply.tensor
+            if convert.needs_thread(opts):
+                return await asyncio.to_thread(convert.tensor_result, t, opts)
+            return convert.tensor_result(t, opts)
+        assert reply.data is not None
+        max_pixels = self.client.limits.max_response_bytes // 3
+        if convert.needs_thread(opts):
+            return await asyncio.to_thread(convert.bytes_result, reply.data, opts, max_pixels=max_pixels)
+        return convert.bytes_result(reply.data, opts, max_pixels=max_pixels)
+
+    async def run(self, prepared: Any, on_progress: Any = None) -> tuple[Any, int]:
+        """Send one prepared request; ``(value, answer bytes)``."""
+        if callable(prepared):
+            prepared = await asyncio.get_running_loop().run_in_executor(None, prepared)
+        return await self.client._submit(self, prepared, on_progress)
 
 
 class Client:
@@ -305,21 +176,28 @@ class Client:
                 ...
 
     Args:
-        endpoints: one endpoint URL, or several replicas of the same model; each request
+        endpoints: one endpoint URL, or several replicas of the same model; each attempt
             goes to the healthy one with the fewest outstanding requests, and one that
             keeps failing is rested (then probed) so a dead replica slows nothing down.
-        limits: concurrency, queue, memory and coalescing bounds (:class:`Limits`).
+        limits: concurrency, read-ahead, memory and coalescing bounds (:class:`Limits`).
         timeout: connect/read/attempt/total limits (:class:`Timeout`).
         retry: the retry policy (:class:`Retry`); ``Retry.none()`` disables retries.
         token: a Hugging Face token sent as ``Authorization: Bearer`` to the endpoints'
-            own origins only (never after a redirect to another host). ``None`` reads
+            own origins only (never after a redirect to another origin). ``None`` reads
             ``HF_TOKEN`` from the environment; ``False`` sends none.
-        headers: extra request headers.
+        headers: extra request headers (sent to the endpoints' origins only, like the
+            token; an ``Authorization`` given here wins over ``token``).
         verify: TLS certificate verification (default on), or an ``ssl.SSLContext``.
             ``False`` turns it off and warns.
+        transport: ``"native"`` (default: HTTP/1.1 on asyncio, bodies streamed straight
+            into the result tensor), ``"aiohttp"``, or a
+            :class:`~asyncvae.transport.Transport` instance (e.g. a
+            :class:`~asyncvae.transport.memory.MemoryTransport` in tests), which the
+            client then owns and closes.
 
     A client belongs to the event loop it is first used in. Close it with
-    ``async with`` or :meth:`aclose`.
+    ``async with`` or :meth:`aclose`: every call still waiting or running then ends
+    with :class:`~asyncvae.ClientClosedError`.
     """
 
     def __init__(
@@ -332,6 +210,7 @@ class Client:
         token: str | bool | None = None,
         headers: dict[str, str] | None = None,
         verify: bool | ssl_module.SSLContext = True,
+        transport: TransportChoice | Transport = "native",
     ) -> None:
         if isinstance(endpoints, (str, URL)):
             urls: list[Any] = [endpoints]
@@ -346,48 +225,58 @@ class Client:
         self.limits = limits if limits is not None else Limits()
         self.timeout = timeout if timeout is not None else Timeout()
         self.retry = retry if retry is not None else Retry()
-        for name, value, cls in (("limits", self.limits, Limits), ("timeout", self.timeout, Timeout), ("retry", self.retry, Retry)):
+        for name, value, cls in (("limits", self.limits, Limits), ("timeout", self.timeout, Timeout),
+                                 ("retry", self.retry, Retry)):
             if not isinstance(value, cls):
                 raise InputError(f"{name} must be an asyncvae.{cls.__name__}, got {type(value).__name__}")
-        if token is None:
-            token = os.environ.get("HF_TOKEN") or None
-        auth = f"Bearer {token}" if isinstance(token, str) and token else None
-        self._endpoints = [
-            _Endpoint(u, (transport.origin(u), auth) if auth else None)
-            for u in (transport.parse_endpoint(e) for e in urls)
-        ]
+        if not (transport in ("native", "aiohttp") or isinstance(transport, Transport)):
+            raise InputError(f"transport must be 'native', 'aiohttp' or a Transport, got {transport!r}")
+        self._urls = [parse_endpoint(u) for u in urls]
         if verify is False:
             warnings.warn(
                 "TLS certificate verification is off (verify=False): responses can be forged "
                 "and your token read by anyone on the path",
                 stacklevel=2,
             )
-        self._ssl: Any = verify
-        self._headers: dict[str, str] = {"User-Agent": "asyncvae", "Accept-Encoding": "identity"}
-        if headers:
-            self._headers.update(headers)
+        self._verify: bool | ssl_module.SSLContext = verify
+        self._transport_choice = transport
+        if token is None:
+            token = os.environ.get("HF_TOKEN") or None
+        base: dict[str, str] = {"User-Agent": "asyncvae", "Accept-Encoding": "identity"}
         if self.retry.scale_up_timeout is not None:
-            self._headers[protocol.HEADER_SCALE_UP_TIMEOUT] = str(int(self.retry.scale_up_timeout))
+            base[protocol.HEADER_SCALE_UP_TIMEOUT] = str(int(self.retry.scale_up_timeout))
+        for k, v in (headers or {}).items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise InputError(f"headers must map str to str, got {k!r}: {type(v).__name__}")
+            base = {n: x for n, x in base.items() if n.lower() != k.lower()}
+            base[k] = v
+        if isinstance(token, str) and token and not any(k.lower() == "authorization" for k in base):
+            base[protocol.HEADER_AUTHORIZATION] = f"Bearer {token}"
+        self._headers: tuple[tuple[str, str], ...] = tuple(base.items())
         self.stats = Stats()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._queue: _WorkQueue | None = None
-        self._budget: _ByteBudget | None = None
-        self._workers: list[asyncio.Task[None]] = []
-        self._running: dict[int, list[_Job]] = {}
-        self._closed = False
-        self._rng = random.Random()
-        self._rr = 0
+        self._closed: ClientClosedError | None = None
+        self._broken: BaseException | None = None
+        self._urlcache: dict[tuple[int, tuple[tuple[str, str], ...]], URL] = {}
+        self._ops: dict[Any, _Op] = {}
+        self._iterators: weakref.WeakSet[ManyIterator] = weakref.WeakSet()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sleepers: set[asyncio.Future[None]] = set()
 
-    # ---- lifecycle
+    # ------------------------------------------------------------------ lifecycle
     def __repr__(self) -> str:
-        urls = ", ".join(str(e.url.with_query(None)) for e in self._endpoints)
+        urls = ", ".join(str(u.with_query(None)) for u in self._urls)
         return f"<asyncvae.Client [{urls}] {self.stats!r}>"
 
     @property
     def endpoints(self) -> list[str]:
         """The endpoint URLs, in the order given."""
-        return [str(e.url) for e in self._endpoints]
+        return [str(u) for u in self._urls]
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`aclose` was called."""
+        return self._closed is not None
 
     async def __aenter__(self) -> Client:
         self._start()
@@ -396,93 +285,364 @@ class Client:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def _start(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._closed:
-            raise InputError("this Client is closed; create a new one")
-        if self._loop is not None:
-            if self._loop is not loop:
-                raise InputError("this Client belongs to another event loop; create one per loop")
-            return
-        self._loop = loop
-        lim = self.limits
-        self._session = transport.make_session(
-            limit=lim.max_concurrency,
-            limit_per_host=lim.connections_per_host,
-            keepalive_timeout=lim.keepalive_timeout,
-            ssl_context=self._ssl,
+    def _make_transport(self) -> Transport:
+        choice = self._transport_choice
+        if isinstance(choice, Transport):
+            return choice
+        lim, t = self.limits, self.timeout
+        kwargs = dict(
+            limit=lim.max_concurrency, limit_per_host=lim.connections_per_host,
+            keepalive_timeout=lim.keepalive_timeout, timeouts=Timeouts(connect=t.connect, read=t.read),
+            ssl=self._verify,
         )
-        self._queue = _WorkQueue(lim.max_queued, self.stats)
-        self._budget = _ByteBudget(lim.max_inflight_bytes, self.stats)
-        self._workers = [loop.create_task(self._worker(i), name=f"asyncvae-worker-{i}") for i in range(lim.max_concurrency)]
+        if choice == "aiohttp":
+            from .transport.aiohttp import AiohttpTransport
+
+            return AiohttpTransport(**kwargs)  # type: ignore[arg-type]
+        from .transport.native import NativeTransport
+
+        return NativeTransport(**kwargs)  # type: ignore[arg-type]
+
+    def _start(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is not None:
+            if self._closed is not None:
+                raise self._closed
+            if asyncio.get_running_loop() is not loop:
+                raise InputError("this Client belongs to another event loop; create one per loop")
+            return loop
+        if self._closed is not None:
+            raise self._closed
+        loop = asyncio.get_running_loop()
+        lim = self.limits
+        self._transport = self._make_transport()
+        self._pool = EndpointPool(self._urls)
+        self._slots = FifoSemaphore(lim.max_concurrency)
+        self._budget = ByteBudget(lim.max_inflight_bytes, self.stats._bytes)
+        self._policy = RetryPolicy(self.retry, sleep=self._sleep, on_retry=self.stats._retry)
+        self._coalescer = (
+            Coalescer(lim.max_batch, lim.max_batch_wait, self._dispatch) if lim.max_batch > 1 else None
+        )
+        self._loop = loop
+        return loop
 
     async def aclose(self) -> None:
-        """Cancel queued and running work, stop the workers and close the pool."""
-        if self._closed:
+        """Close the client: every call waiting for room or running ends with
+        :class:`ClientClosedError` (within a bounded time), every ``*_many`` iterator
+        raises it, and the connections are closed. Idempotent."""
+        if self._closed is not None:
             return
-        self._closed = True
-        if self._queue is not None:
-            for job in self._queue.clear():
-                job.future.cancel()
-        for w in self._workers:
-            w.cancel()
-        if self._workers:
-            await asyncio.gather(*self._workers, return_exceptions=True)
-        self._workers = []
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        exc = self._closed = ClientClosedError("the asyncvae Client was closed")
+        if self._loop is None:
+            return
+        self._slots.close(exc)
+        self._budget.close(exc)
+        if self._coalescer is not None:
+            self._coalescer.close(exc)
+        for fut in list(self._sleepers):
+            if not fut.done():
+                fut.set_exception(exc)
+        for it in list(self._iterators):
+            it._client_closed(exc)
+        for task in list(self._tasks):
+            task.cancel()
+        await self._transport.aclose()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5.0)
 
-    # ---- single calls
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep between attempts; ends early with :class:`ClientClosedError` on close."""
+        if self._closed is not None:
+            raise self._closed
+        if seconds <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        handle = loop.call_later(seconds, _resolve, fut)
+        self._sleepers.add(fut)
+        try:
+            await fut
+        finally:
+            handle.cancel()
+            self._sleepers.discard(fut)
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # a bug in the engine: fail loudly, and every later call with it
+            self._broken = task.exception()
+            if self._coalescer is not None:
+                self._coalescer.close(self._broken)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ plans
+    def _op(self, kind: str, options: dict[str, Any]) -> _Op:
+        """The checked options of a call, cached by the keywords as given (with their
+        types: ``1`` and ``1.0`` format differently on the wire)."""
+        try:
+            raw: Any = (kind, *((k, type(v), v) for k, v in options.items()))
+            op = self._ops.get(raw)
+        except TypeError:  # an unhashable option value (a processor): no caching
+            raw, op = None, None
+        if op is not None:
+            return op
+        if kind == "decode":
+            plan: DecodePlan | EncodePlan = DecodePlan(decode_options(dict(options)))
+        else:
+            plan = EncodePlan(*encode_options(options))
+        op = _Op(self, kind, plan)
+        if raw is not None:
+            if len(self._ops) >= _PLANS:
+                self._ops.clear()
+            self._ops[raw] = op
+        return op
+
+    # ------------------------------------------------------------------ single calls
     async def decode(
-        self, tensor: torch.Tensor, *, on_progress: Callable[[int, int | None], None] | None = None, **options: Any
+        self, tensor: torch.Tensor, *, on_progress: Callable[[int, int | None], None] | None = None,
+        **options: Any,
     ) -> Any:
         """Decode one latent tensor; options and result as :func:`asyncvae.remote_decode`.
 
-        ``on_progress(received_bytes, total_bytes)`` is called as the body streams in.
+        ``on_progress(received_bytes, total_bytes)`` is called as the body streams in
+        (an exception it raises fails the call, unretried).
         Raises :class:`InputError` (nothing sent), :class:`EndpointError` (non-retryable
-        HTTP error), :class:`RetryExhausted`, or :class:`ProtocolError`.
+        HTTP error), :class:`RetryExhausted`, :class:`ProtocolError` or
+        :class:`ClientClosedError`.
         """
-        job = self._decode_job(tensor, _decode_options(options), on_progress=on_progress)
-        return await self._call(job)
+        self._start()
+        op = self._op("decode", options)
+        value, _ = await op.run(op.prepare(tensor, copy=False), on_progress)
+        return value
 
     async def encode(self, image: Any, **options: Any) -> torch.Tensor:
         """Encode one PIL image or image tensor into latents (see :func:`asyncvae.remote_encode`)."""
-        job = self._encode_job(image, _encode_options(options))
-        return await self._call(job)
-
-    async def _call(self, job: _Job) -> Any:
         self._start()
-        assert self._queue is not None
-        self.stats.submitted += 1
-        try:
-            await self._queue.put(job)
-            return await job.future
-        except asyncio.CancelledError:
-            self._cancel_job(job)
-            raise
+        op = self._op("encode", options)
+        value, _ = await op.run(op.prepare(image, copy=False))
+        return value  # type: ignore[no-any-return]
 
-    # ---- many
+    async def _submit(self, op: _Op, wire: WireRequest, on_progress: Any = None) -> tuple[Any, int]:
+        """One item through the engine: ``(value, answer bytes)``."""
+        if self._loop is None:
+            self._start()
+        if self._broken is not None:
+            raise self._broken
+        stats = self.stats
+        stats.submitted += 1
+        t0 = time.perf_counter()
+        try:
+            if self._coalescer is not None and wire.batch_key is not None and on_progress is None:
+                part, nbytes = await self._coalesced(op, wire)
+                value = await op.finish(part)
+            else:
+                value, nbytes = await self._direct(op, wire, on_progress)
+        except AsyncVAEError as e:
+            stats._item_failed(error_kind(e))
+            raise
+        stats._item_done(time.perf_counter() - t0)
+        return value, nbytes
+
+    def _deadline_passed(self, what: str) -> RetryExhausted:
+        total = self.timeout.total
+        cause = TransportError(
+            f"Timeout.total ({total:g} s) passed while the call waited {what}; nothing was sent",
+            kind="timeout", retryable=False,
+        )
+        return RetryExhausted(cause, 0, reason="deadline passed")
+
+    async def _wait(self, aw: Awaitable[Any], ctx: CallContext, what: str) -> Any:
+        """Await ``aw`` (a slot or budget wait) within the call's deadline."""
+        if ctx.deadline is None:
+            return await aw
+        left = ctx.deadline - time.monotonic()
+        try:
+            async with asyncio.timeout(max(left, 0.0)):
+                return await aw
+        except TimeoutError:
+            raise self._deadline_passed(what) from None
+
+    async def _slot(self, ctx: CallContext) -> None:
+        """Wait in line for a request slot (counted in ``stats.queued``)."""
+        self.stats._queued(1)
+        try:
+            await self._wait(self._slots.acquire(1), ctx, "for a request slot (max_concurrency)")
+        finally:
+            self.stats._queued(-1)
+
+    async def _direct(self, op: _Op, wire: WireRequest, on_progress: Any) -> tuple[Any, int]:
+        ctx = self._policy.context(self.timeout.total)
+        if wire.size_hint and (self._budget.waiting or self._budget.used + wire.size_hint > self._budget.limit):
+            lease = await self._wait(self._budget.reserve(wire.size_hint), ctx, "for room in max_inflight_bytes")
+        else:
+            lease = await self._budget.reserve(wire.size_hint)
+        with lease:
+            slots = self._slots
+            if slots._waiters or slots._value < 1:
+                await self._slot(ctx)
+            else:
+                slots._value -= 1
+            self.stats._in_flight(1)
+            try:
+                reply = await self._policy.run(
+                    functools.partial(self._attempt, wire, op.headers, lease, on_progress), ctx
+                )
+            finally:
+                self.stats._in_flight(-1)
+                slots.release(1)
+            value = await op.finish(reply)
+            return value, reply.bytes_in
+
+    async def _attempt(self, wire: WireRequest, headers: tuple[tuple[str, str], ...], lease: Lease | None,
+                       on_progress: Any, ctx: CallContext) -> Reply:
+        """One attempt at the chosen endpoint."""
+        if self._closed is not None:
+            raise self._closed
+        pool = self._pool
+        ep, wait, probe = pool.pick()
+        if wait > 0:
+            if ctx.deadline is not None:
+                wait = min(wait, max(0.0, ctx.deadline - time.monotonic()))
+            await self._sleep(wait)
+        loop = self._loop
+        assert loop is not None
+        deadline = None
+        attempt_limit = self.timeout.attempt
+        if ctx.deadline is not None:
+            left = ctx.deadline - time.monotonic()
+            if left < _MIN_ATTEMPT:
+                if probe:
+                    ep.probing = False
+                raise NoTimeLeft(self._deadline_passed("for its turn").last)
+            attempt_limit = left if attempt_limit is None else min(attempt_limit, left)
+        if attempt_limit is not None:
+            deadline = loop.time() + attempt_limit
+        key = (ep.index, wire.params)
+        url = self._urlcache.get(key)
+        if url is None:
+            if len(self._urlcache) > 1024:
+                self._urlcache.clear()
+            url = self._urlcache[key] = ep.url.extend_query(wire.params) if wire.params else ep.url
+        stats = self.stats
+        stats.requests += 1
+        stats.bytes_out += wire.nbytes
+        ep.outstanding += 1
+        try:
+            reply = await exchange(
+                self._transport, url, wire, headers, deadline=deadline,
+                max_response_bytes=self.limits.max_response_bytes, lease=lease, on_progress=on_progress,
+            )
+        except AsyncVAEError as e:
+            ep.outstanding -= 1
+            if self._closed is not None:
+                raise self._closed from e
+            if ctx.deadline is not None and time.monotonic() >= ctx.deadline - 1e-3:
+                if probe:
+                    ep.probing = False  # our own deadline says nothing about the endpoint
+            else:
+                pool.failed(ep, e, probe, retry_after_cap=self.retry.max_retry_after
+                            if self.retry.respect_retry_after else None)
+            raise
+        except BaseException:
+            ep.outstanding -= 1
+            if probe:
+                ep.probing = False
+            raise
+        ep.outstanding -= 1
+        pool.succeeded(ep, probe)
+        stats.bytes_in += reply.bytes_in
+        return reply
+
+    # ------------------------------------------------------------------ coalescing
+    async def _coalesced(self, op: _Op, wire: WireRequest) -> tuple[Any, int]:
+        ctx_deadline = None if self.timeout.total is None else time.monotonic() + self.timeout.total
+        slots = self._slots
+        if slots._waiters or slots._value < 1:
+            await self._slot(CallContext(ctx_deadline))
+        else:
+            slots._value -= 1
+        try:
+            loop = self._loop
+            assert loop is not None
+            fut: asyncio.Future[Any] = loop.create_future()
+            assert wire.shape is not None
+            self._coalescer.submit(Pending(wire, op, fut))  # type: ignore[union-attr]
+            try:
+                return await fut  # type: ignore[no-any-return]
+            except asyncio.CancelledError:
+                fut.cancel()
+                raise
+        finally:
+            slots.release(1)
+
+    def _dispatch(self, batch: list[Pending]) -> None:
+        self._spawn(self._run_batch(batch))
+
+    async def _run_batch(self, batch: list[Pending]) -> None:
+        op: _Op = batch[0].op
+        try:
+            if len(batch) == 1:
+                wire = batch[0].wire
+            else:
+                shape, body = stack_body(batch)
+                wire = op.plan.stacked(shape, dict(batch[0].wire.params)["dtype"], body)
+                self.stats.batches += 1
+                self.stats.coalesced += len(batch)
+            ctx = self._policy.context(self.timeout.total)
+            with await self._budget.reserve(wire.size_hint) as lease:
+                self.stats._in_flight(len(batch))
+                try:
+                    reply = await self._policy.run(
+                        functools.partial(self._attempt, wire, op.headers, lease, None), ctx
+                    )
+                finally:
+                    self.stats._in_flight(-len(batch))
+            assert reply.tensor is not None
+            leadings = [p.leading for p in batch]
+            parts = split(reply.tensor, leadings) if len(batch) > 1 else [reply.tensor]
+            total = sum(leadings)
+            for p, part in zip(batch, parts, strict=True):
+                if not p.future.done():
+                    p.future.set_result((part, reply.bytes_in * p.leading // total))
+        except asyncio.CancelledError:
+            exc = self._closed or ClientClosedError("the batch was cancelled")
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            raise
+        except BaseException as e:
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(e)
+
+    # ------------------------------------------------------------------ many
     def decode_many(
         self,
         items: Iterable[torch.Tensor] | AsyncIterable[torch.Tensor],
         *,
         ordered: bool = True,
         on_error: OnError = "yield",
+        copy_inputs: bool = True,
         **options: Any,
     ) -> AsyncIterator[Any]:
         """Decode many latents concurrently; an async iterator of results.
 
         ``items`` may be any iterable or async iterable; it is read lazily (a generator
-        of a million items is never materialised). With ``ordered=True`` (default),
-        results come in input order; with ``ordered=False``, ``(index, result)`` pairs
-        come as they complete. A failed item gives an :class:`ItemError` (with
-        ``.index`` and ``.error``) in its place, or, with ``on_error="raise"``, raises
-        its error and stops. Close the iterator early with ``aclose()`` (or
-        ``contextlib.aclosing``) to cancel what is still running.
+        of a million items is never materialised) and each item is copied when it is
+        taken, so a generator may reuse its buffer (``copy_inputs=False`` skips the
+        copy, for callers that never change an item once yielded). With
+        ``ordered=True`` (default) results come in input order; with
+        ``ordered=False``, ``(index, result)`` pairs come as they complete. A failed
+        item gives an :class:`ItemError` (``.index``, ``.error``) in its place, or,
+        with ``on_error="raise"``, raises its error and stops. Close the iterator early
+        with ``aclose()`` (or ``contextlib.aclosing``) to cancel what is still running.
         """
-        opts = _decode_options(options)
-        return self._many(items, lambda item, i: self._decode_job(item, opts, index=i), ordered, on_error)
+        return self._many("decode", items, ordered, on_error, copy_inputs, options)
 
     def encode_many(
         self,
@@ -490,401 +650,35 @@ class Client:
         *,
         ordered: bool = True,
         on_error: OnError = "yield",
+        copy_inputs: bool = True,
         **options: Any,
     ) -> AsyncIterator[Any]:
         """Encode many images concurrently; like :meth:`decode_many`."""
-        opts = _encode_options(options)
-        return self._many(items, lambda item, i: self._encode_job(item, opts, index=i), ordered, on_error)
+        return self._many("encode", items, ordered, on_error, copy_inputs, options)
 
-    async def _many(
-        self,
-        items: Iterable[Any] | AsyncIterable[Any],
-        make_job: Callable[[Any, int], _Job],
-        ordered: bool,
-        on_error: OnError,
-    ) -> AsyncIterator[Any]:
+    def _many(self, kind: str, items: Any, ordered: bool, on_error: str, copy: bool,
+              options: dict[str, Any]) -> ManyIterator:
         if on_error not in ("yield", "raise"):
             raise InputError(f"on_error={on_error!r} must be 'yield' or 'raise'")
-        self._start()
-        assert self._queue is not None
-        window = asyncio.Semaphore(self.limits.reorder_window)
-        jobs: dict[int, _Job] = {}
-        completed: collections.deque[int] = collections.deque()
-        wake = asyncio.Event()
-        state: dict[str, Any] = {"total": None, "next": 0}
-
-        def on_done(fut: asyncio.Future[Any], i: int) -> None:
-            completed.append(i)
-            wake.set()
-
-        async def produce() -> None:
-            i = 0
-            try:
-                async for item in _aiter(items):
-                    await window.acquire()
-                    try:
-                        job = make_job(item, i)
-                    except AsyncVAEError as e:
-                        job = self._failed_job(i, e)
-                    job.release_on_done = False
-                    if ordered:
-                        job.is_head = lambda i=i: state["next"] == i
-                    jobs[i] = job
-                    self.stats.submitted += 1
-                    job.future.add_done_callback(lambda f, i=i: on_done(f, i))
-                    i += 1
-                    if not job.future.done():
-                        await self._queue.put(job)  # type: ignore[union-attr]
-            finally:
-                state["total"] = i
-                wake.set()
-
-        producer = asyncio.get_running_loop().create_task(produce(), name="asyncvae-producer")
-        producer.add_done_callback(lambda _: wake.set())
-        next_index = 0
-        try:
-            while True:
-                if ordered:
-                    job = jobs.get(next_index)
-                    ready = job is not None and job.future.done()
-                else:
-                    ready = bool(completed)
-                    if ready:
-                        job = jobs[completed.popleft()]
-                if ready:
-                    assert job is not None
-                    del jobs[job.index]
-                    next_index += ordered
-                    value = self._outcome(job)
-                    if ordered:
-                        state["next"] = next_index
-                        self._budget.recheck()  # type: ignore[union-attr]
-                    window.release()
-                    if isinstance(value, ItemError) and on_error == "raise":
-                        raise value.error
-                    yield value if ordered else (job.index, value)
-                    continue
-                if producer.done():
-                    if not producer.cancelled() and producer.exception() is not None:
-                        raise producer.exception()  # type: ignore[misc]
-                    if not jobs:
-                        break
-                wake.clear()
-                await wake.wait()
-        finally:
-            producer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await producer
-            for job in jobs.values():
-                self._cancel_job(job)
-                if job.future.done() and not job.future.cancelled():
-                    self._release(job)
-
-    def _outcome(self, job: _Job) -> Any:
-        """A finished job's value (budget released) or its :class:`ItemError`."""
-        fut = job.future
-        if fut.cancelled():
-            return ItemError(job.index, asyncio.CancelledError())
-        exc = fut.exception()
-        if exc is not None:
-            return ItemError(job.index, exc)
-        self._release(job)
-        return fut.result()
-
-    # ---- jobs
-    def _new_future(self) -> asyncio.Future[Any]:
-        self._start()
-        assert self._loop is not None
-        return self._loop.create_future()
-
-    def _deadline(self) -> float | None:
-        return None if self.timeout.total is None else time.monotonic() + self.timeout.total
-
-    def _decode_job(
-        self, tensor: Any, opts: DecodeOptions, *, index: int = -1, on_progress: Any = None
-    ) -> _Job:
-        req = protocol.decode_request(tensor, opts)
-        key = None
-        if self.limits.max_batch > 1 and opts.expects_tensor and tensor.dim() in (3, 4):
-            key = ("decode", tuple(tensor.shape[1:]), tensor.dtype, opts, req.params[tensor.dim() + 3 :])
-        return _Job(
-            "decode", tensor, opts, req, self._new_future(), index=index, batch_key=key,
-            leading=int(tensor.shape[0]), deadline=self._deadline(), on_progress=on_progress,
+        if self._closed is not None:
+            raise self._closed
+        op = self._op(kind, options)
+        lim = self.limits
+        it = ManyIterator(
+            items,
+            prepare=functools.partial(op.prepare, copy=copy),
+            run=op.run,
+            ordered=ordered,
+            on_error=on_error,
+            window=lim.reorder_window,
+            byte_window=lim.max_inflight_bytes,
+            runners=lim.max_concurrency,
+            ahead=lim.max_queued,
         )
-
-    def _encode_job(self, image: Any, opts: tuple[float | None, float | None], *, index: int = -1) -> _Job:
-        req = protocol.encode_request(image, *opts)
-        key = None
-        leading = 1
-        if isinstance(image, torch.Tensor):
-            leading = int(image.shape[0]) if image.dim() == 4 else 1
-            if self.limits.max_batch > 1 and image.dim() == 4:
-                key = ("encode", tuple(image.shape[1:]), image.dtype, opts)
-        return _Job("encode", image, opts, req, self._new_future(), index=index, batch_key=key,
-                    leading=leading, deadline=self._deadline())
-
-    def _failed_job(self, index: int, error: BaseException) -> _Job:
-        fut = self._new_future()
-        fut.set_exception(error)
-        fut.exception()  # mark retrieved
-        self.stats._item_failed("input")
-        return _Job("failed", None, None, WireRequest((), {}, b"", "bytes"), fut, index=index)
-
-    def _cancel_job(self, job: _Job) -> None:
-        if not job.future.done():
-            job.future.cancel()
-        if self._queue is not None:
-            self._queue.discard(job)
-        for wid, batch in list(self._running.items()):
-            if job in batch and all(j.future.done() for j in batch):
-                self._workers[wid].cancel()
-
-    def _release(self, job: _Job) -> None:
-        if job.held and self._budget is not None:
-            held, job.held = job.held, 0
-            self._budget.release(held)
-
-    # ---- workers
-    async def _worker(self, wid: int) -> None:
-        assert self._queue is not None
-        me = asyncio.current_task()
-        assert me is not None
-        while True:
-            batch = await self._queue.get_batch(self.limits.max_batch, self.limits.max_batch_wait)
-            live = [j for j in batch if not j.future.done()]
-            if not live:
-                continue
-            self._running[wid] = live
-            try:
-                await self._execute(live)
-            except asyncio.CancelledError:
-                if self._closed:
-                    for j in live:
-                        if not j.future.done():
-                            j.future.cancel()
-                    raise
-                me.uncancel()  # the jobs' callers cancelled; keep serving
-            finally:
-                self._running.pop(wid, None)
-                # an idle worker must not keep its last jobs (futures -> results) alive:
-                # with 64 workers and 56 MiB answers that is 3.5 GiB the caller already dropped
-                batch = live = None  # type: ignore[assignment]
-
-    async def _execute(self, jobs: list[_Job]) -> None:
-        self.stats._set("in_flight", self.stats.in_flight + len(jobs))
-        try:
-            try:
-                values, held = await self._with_retries(jobs)
-            except BaseException as e:
-                if isinstance(e, asyncio.CancelledError):
-                    raise
-                for j in jobs:
-                    if not j.future.done():
-                        j.future.set_exception(e)
-                        self.stats._item_failed(error_kind(e))
-                return
-            for j, v, h in zip(jobs, values, held, strict=False):
-                if j.future.done():
-                    if h and self._budget is not None:
-                        self._budget.release(h)
-                    continue
-                j.held = h
-                j.future.set_result(v)
-                if j.release_on_done:
-                    self._release(j)
-                self.stats._item_done(time.perf_counter() - j.submitted)
-        finally:
-            self.stats._set("in_flight", self.stats.in_flight - len(jobs))
-
-    def _batch_request(self, jobs: list[_Job]) -> WireRequest:
-        if len(jobs) == 1:
-            return jobs[0].request
-        stacked = torch.cat([j.payload for j in jobs], dim=0)
-        if jobs[0].op == "decode":
-            return protocol.decode_request(stacked, jobs[0].opts)
-        return protocol.encode_request(stacked, *jobs[0].opts)
-
-    async def _with_retries(self, jobs: list[_Job]) -> tuple[list[Any], list[int]]:
-        req = self._batch_request(jobs)
-        if len(jobs) > 1:
-            self.stats.batches += 1
-            self.stats.coalesced += len(jobs)
-        deadlines = [j.deadline for j in jobs if j.deadline is not None]
-        deadline = min(deadlines) if deadlines else None
-        try:  # fast path: most calls succeed at the first attempt, without retry bookkeeping
-            return await self._attempt(jobs, req, deadline)
-        except (EndpointError, TransportError, ProtocolError) as e:
-            if not self._retryable(e):
-                raise
-            first = e
-        return await self._retry_loop(jobs, req, deadline, first)
-
-    def _retryable(self, e: BaseException) -> bool:
-        if isinstance(e, EndpointError):
-            return e.status in self.retry.statuses
-        return isinstance(e, (TransportError, ProtocolError)) and e.retryable
-
-    async def _retry_loop(
-        self, jobs: list[_Job], req: WireRequest, deadline: float | None, first: BaseException
-    ) -> tuple[list[Any], list[int]]:
-        """Attempts 2..N under tenacity, after the first attempt failed with ``first``."""
-        policy = self.retry
-        first_503: list[float] = []
-
-        def stop(attempts: int, e: BaseException | None) -> bool:
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                return True
-            if isinstance(e, EndpointError) and e.status == 503 and policy.unavailable_patience > 0:
-                if not first_503:
-                    first_503.append(now)
-                if now - first_503[0] < policy.unavailable_patience:
-                    return False
-            return attempts >= policy.attempts
-
-        def wait(attempts: int, e: BaseException | None) -> float:
-            ra = e.retry_after if isinstance(e, EndpointError) else None
-            w = policy.wait_for(attempts, ra, self._rng)
-            return w if deadline is None else min(w, max(0.0, deadline - time.monotonic()))
-
-        def exhausted(last: BaseException, attempts: int) -> RetryExhausted:
-            late = deadline is not None and time.monotonic() >= deadline
-            return RetryExhausted(last, attempts, reason="deadline passed" if late else "retries exhausted")
-
-        def outcome(rs: RetryCallState) -> BaseException | None:
-            return rs.outcome.exception() if rs.outcome else None
-
-        if stop(1, first):
-            raise exhausted(first, 1) from first
-        pause = wait(1, first)
-        self.stats._retry(error_kind(first), pause)
-        await asyncio.sleep(pause)
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(self._retryable),
-            stop=lambda rs: stop(rs.attempt_number + 1, outcome(rs)),
-            wait=lambda rs: wait(rs.attempt_number + 1, outcome(rs)),
-            before_sleep=lambda rs: self.stats._retry(error_kind(outcome(rs)), rs.upcoming_sleep),
-            reraise=False,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    return await self._attempt(jobs, req, deadline)
-        except RetryError as e:
-            last = e.last_attempt.exception()
-            assert last is not None
-            raise exhausted(last, e.last_attempt.attempt_number + 1) from last
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _pick(self) -> _Endpoint:
-        now = time.monotonic()
-        eps = self._endpoints
-        if len(eps) == 1:
-            return eps[0]
-        n = len(eps)
-        self._rr = (self._rr + 1) % n
-        order = eps[self._rr :] + eps[: self._rr]
-        live = [e for e in order if e.available(now)]
-        if live:
-            best = min(live, key=lambda e: e.outstanding)
-            if best.rested_until and best.failures >= REST_AFTER_FAILURES:
-                best.probing = True  # half-open: one probe until it answers
-            return best
-        return min(eps, key=lambda e: e.rested_until)
-
-    def _note(self, ep: _Endpoint, ok: bool, e: BaseException | None = None) -> None:
-        ep.probing = False
-        if ok:
-            ep.failures = 0
-            ep.rests = 0
-            ep.rested_until = 0.0
-            return
-        if isinstance(e, EndpointError) and e.status < 500 and e.status not in (408, 429):
-            return  # the request was bad, not the endpoint
-        ep.failures += 1
-        if ep.failures >= REST_AFTER_FAILURES and len(self._endpoints) > 1:
-            ep.rests += 1
-            ep.rested_until = time.monotonic() + min(REST_MAX, REST_MIN * 2 ** (ep.rests - 1))
-
-    async def _attempt(self, jobs: list[_Job], req: WireRequest, deadline: float | None) -> tuple[list[Any], list[int]]:
-        assert self._session is not None
-        ep = self._pick()
-        t = self.timeout
-        attempt_t = t.attempt
-        if deadline is not None:
-            left = max(0.001, deadline - time.monotonic())
-            attempt_t = left if attempt_t is None else min(attempt_t, left)
-        on_progress = jobs[0].on_progress if len(jobs) == 1 else None
-        ep.outstanding += 1
-        self.stats.requests += 1
-        self.stats.bytes_out += req.nbytes
-        try:
-            reply = await transport.exchange(
-                self._session, ep.url, req,
-                headers=self._headers, credential=ep.credential,
-                timeout=transport.client_timeout(t.connect, t.read, attempt_t),
-                max_response_bytes=self.limits.max_response_bytes,
-                budget=_HeadBudget(self._budget, jobs) if jobs[0].is_head is not None else self._budget,
-                on_progress=on_progress,
-            )
-        except asyncio.CancelledError:
-            ep.probing = False
-            raise
-        except BaseException as e:
-            self._note(ep, False, e)
-            raise
-        finally:
-            ep.outstanding -= 1
-        self._note(ep, True)
-        self.stats.bytes_in += reply.bytes_in
-        try:
-            return await self._results(jobs, reply)
-        except BaseException:
-            if reply.held and self._budget is not None:
-                self._budget.release(reply.held)
-            raise
-
-    async def _results(self, jobs: list[_Job], reply: transport.Reply) -> tuple[list[Any], list[int]]:
-        if reply.tensor is None:
-            assert reply.data is not None and len(jobs) == 1
-            job = jobs[0]
-            opts = job.opts
-            max_pixels = self.limits.max_response_bytes // 3
-            if convert.needs_thread(opts):
-                value = await asyncio.to_thread(convert.bytes_result, reply.data, opts, max_pixels=max_pixels)
-            else:
-                value = convert.bytes_result(reply.data, opts, max_pixels=max_pixels)
-            return [value], [reply.held]
-        t = reply.tensor
-        if len(jobs) == 1:
-            parts = [t]
-        else:
-            sizes = [j.leading for j in jobs]
-            if t.dim() == 0 or t.shape[0] != sum(sizes):
-                raise ProtocolError(
-                    f"batched response has leading dimension {t.shape[0] if t.dim() else 0}, expected "
-                    f"{sum(sizes)}; this endpoint may not support batches — use Limits(max_batch=1)"
-                )
-            parts = list(t.split(sizes, dim=0))
-        total = sum(j.leading for j in jobs)
-        held = [reply.held * j.leading // total for j in jobs]
-        held[-1] += reply.held - sum(held)
-        if jobs[0].op == "encode":
-            return parts, held
-        opts = jobs[0].opts
-        if convert.needs_thread(opts):
-            values = await asyncio.to_thread(lambda: [convert.tensor_result(p, opts) for p in parts])
-        else:
-            values = [convert.tensor_result(p, opts) for p in parts]
-        return values, held
+        self._iterators.add(it)
+        return it
 
 
-async def _aiter(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
-    if isinstance(items, AsyncIterable) or hasattr(items, "__aiter__"):
-        async for x in items:  # type: ignore[union-attr]
-            yield x
-    elif isinstance(items, (torch.Tensor,)) or inspect.isawaitable(items):
-        raise InputError("items must be an iterable of tensors/images, not a single tensor")
-    else:
-        for x in items:
-            yield x
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

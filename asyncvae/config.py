@@ -49,25 +49,26 @@ class Limits(_Value):
     """How much a :class:`~asyncvae.Client` may have going at once.
 
     Attributes:
-        max_concurrency: requests in flight at once, over all endpoints (default 64).
+        max_concurrency: items in flight at once, over all endpoints and callers
+            (default 64): FIFO request slots; a coalesced batch of k items holds k.
             Each endpoint replica serves one request at a time and queues the rest, so
             a few per replica keep every queue non-empty.
-        max_queued: items accepted but not yet sent (default 256). Submitting more
-            waits: this is the backpressure on producers.
-        max_inflight_bytes: response bytes held by the client at once — buffers being
-            filled plus results not yet handed to the caller (default 1 GiB). A
-            response that would exceed it waits for room; one response larger than the
-            whole budget is let through alone.
+        max_queued: items a ``decode_many``/``encode_many`` reads ahead of sending
+            (default 256), so a slow input never leaves a slot idle.
+        max_inflight_bytes: answer bytes being received and converted, reserved before
+            each request is sent from the size the request implies (default 1 GiB);
+            also each ``*_many``'s bound on finished results its consumer has not taken.
+            One answer larger than the whole budget is let through alone.
         max_response_bytes: the largest response accepted (default 4 GiB); a server
             declaring more gets a :class:`~asyncvae.ProtocolError` before any allocation.
         max_connections_per_host: TCP connections per endpoint host; 0 means
             ``max_concurrency`` (default 0).
         keepalive_timeout: seconds an idle pooled connection is kept (default 30).
-        max_reorder: for ordered ``decode_many``/``encode_many``, how far intake may
-            run ahead of the oldest unfinished item; 0 means ``max_concurrency + max_queued``.
-        max_batch: request coalescing — up to this many queued items with the same
-            shape, dtype and options (tensor outputs only) are sent as one batched
-            request and split back (default 1: off).
+        max_reorder: how many items a ``*_many`` may hold taken but not yet handed over
+            (how far it runs ahead of a slow item); 0 means ``max_concurrency + max_queued``.
+        max_batch: request coalescing — up to this many items with the same shape,
+            dtype and options (tensor outputs only) are sent as one batched request and
+            split back (default 1: off).
         max_batch_wait: seconds a partial batch waits for more items (default 0.005).
     """
 
@@ -107,7 +108,10 @@ class Timeout(_Value):
         read: between two chunks of the response, including the wait for the first
             byte while the endpoint queues and computes (default 120).
         attempt: one whole attempt, send to last byte (default None).
-        total: one whole call across all its retries and backoff waits (default None).
+        total: one whole call from the moment it is made: the waits for room (budget,
+            a request slot), every attempt and backoff (default None). A call whose
+            deadline passes while it waits sends nothing, and no attempt starts with
+            less than 10 ms left.
     """
 
     connect: float | None = 10.0
@@ -130,10 +134,13 @@ class Retry(_Value):
         attempts: attempts in all, the first included (default 5; 1 disables retries).
         backoff_base: first backoff in seconds; doubles each retry (default 0.2).
         backoff_max: cap of one backoff (default 10).
-        jitter: "full" (uniform in [0, backoff], the default) or "none".
+        jitter: "full" (uniform in [0, backoff], the default) or "none". With a
+            ``Retry-After`` the wait is ``max(retry_after, b/2) + uniform(0, b/2)``
+            (see :meth:`wait_for`).
         statuses: HTTP statuses that are retried (408, 429, 500, 502, 503, 504).
-        respect_retry_after: wait what a ``Retry-After`` header asks (seconds or an
-            HTTP date) instead of the backoff, up to ``max_retry_after`` (default True).
+        respect_retry_after: wait at least what a ``Retry-After`` header asks (seconds or
+            an HTTP date), up to ``max_retry_after``, and rest that endpoint for every
+            caller as long (default True).
         max_retry_after: the longest ``Retry-After`` honoured, in seconds (default 60).
         unavailable_patience: seconds that 503 answers ("replica starting", scale from
             zero) keep being retried, beyond ``attempts`` (default 120; 0 treats 503 like
@@ -172,14 +179,32 @@ class Retry(_Value):
         return cls(attempts=1, unavailable_patience=0)
 
     def backoff(self, retry_number: int, rng: random.Random | None = None) -> float:
-        """Seconds to wait before retry number ``retry_number`` (1 for the first retry)."""
-        cap = min(self.backoff_max, self.backoff_base * (2 ** max(0, retry_number - 1)))
+        """Seconds to wait before retry number ``retry_number`` (1 for the first retry)
+        when the endpoint gave no ``Retry-After``: ``backoff_base`` doubled per retry,
+        capped at ``backoff_max``; with full jitter, uniform in ``[0, that]``."""
+        cap = self._cap(retry_number)
         if self.jitter == "none":
             return cap
         return (rng or random).uniform(0.0, cap)
 
+    def _cap(self, retry_number: int) -> float:
+        # the exponent is bounded: thousands of retries (503 patience) never overflow
+        return min(self.backoff_max, self.backoff_base * 2.0 ** min(max(0, retry_number - 1), 62))
+
     def wait_for(self, retry_number: int, retry_after: float | None, rng: random.Random | None = None) -> float:
-        """The wait before a retry: ``Retry-After`` when honoured, else the backoff."""
-        if retry_after is not None and self.respect_retry_after:
-            return min(retry_after, self.max_retry_after)
-        return self.backoff(retry_number, rng)
+        """The wait before retry number ``retry_number``.
+
+        Without a ``Retry-After`` (or with ``respect_retry_after=False``): :meth:`backoff`.
+        With one, the wait is at least ``min(retry_after, max_retry_after)`` and never
+        under half the backoff cap ``b`` (so ``Retry-After: 0`` can't make every caller
+        come straight back); full jitter adds ``uniform(0, b/2)`` on top, so callers
+        told the same ``Retry-After`` don't all return in the same instant:
+        ``max(r, b/2) + uniform(0, b/2)`` (``jitter="none"``: ``max(r, b)``).
+        """
+        if retry_after is None or not self.respect_retry_after:
+            return self.backoff(retry_number, rng)
+        r = min(max(0.0, retry_after), self.max_retry_after)
+        cap = self._cap(retry_number)
+        if self.jitter == "none":
+            return max(r, cap)
+        return max(r, cap / 2) + (rng or random).uniform(0.0, cap / 2)

@@ -7,7 +7,8 @@
     ├── EndpointError       (also RuntimeError) the endpoint answered non-2xx
     ├── ProtocolError                            the response broke the wire contract
     ├── TransportError                           connection refused/reset, timeout, TLS
-    └── RetryExhausted      (also RuntimeError) every attempt failed; ``.last`` is the cause
+    ├── RetryExhausted      (also RuntimeError) every attempt failed; ``.last`` is the cause
+    └── ClientClosedError                        the Client was closed while the call waited or ran
 
 ``EndpointError`` and ``RetryExhausted`` of an HTTP failure keep the contract of
 ``diffusers.utils.remote_decode``: they are ``RuntimeError`` instances whose
@@ -21,6 +22,7 @@ from typing import Any
 
 __all__ = [
     "AsyncVAEError",
+    "ClientClosedError",
     "EndpointError",
     "InputError",
     "ItemError",
@@ -120,6 +122,12 @@ class RetryExhausted(AsyncVAEError, RuntimeError):
         return f"{self.reason} after {self.attempts} attempt(s); last error: {type(self.last).__name__}: {self.last}"
 
 
+class ClientClosedError(AsyncVAEError):
+    """The :class:`~asyncvae.Client` was closed (``aclose()``, leaving ``async with``,
+    ``asyncvae.shutdown()``) while this call waited for room or ran; nothing more is
+    sent for it. A closed client stays closed: make a new one."""
+
+
 class ItemError:
     """A failed item of a batch (``decode_many``/``encode_many``/``*_batch``), yielded in
     its place instead of raising, so that the other items are neither lost nor reordered.
@@ -152,7 +160,7 @@ def error_kind(e: BaseException) -> str:
     tester's reports, the dataset jobs' failure records).
 
     ``http_<status>`` (e.g. ``http_503``), ``timeout``, ``connection``, ``tls``,
-    ``protocol``, ``input``, ``cancelled``; a :class:`RetryExhausted` counts as its last
+    ``protocol``, ``input``, ``closed``, ``cancelled``; a :class:`RetryExhausted` counts as its last
     cause; anything else as ``exception_<TypeName>``.
     """
     if isinstance(e, RetryExhausted):
@@ -165,6 +173,8 @@ def error_kind(e: BaseException) -> str:
         return "protocol"
     if isinstance(e, InputError):
         return "input"
+    if isinstance(e, ClientClosedError):
+        return "closed"
     if isinstance(e, BaseException) and type(e).__name__ == "CancelledError":
         return "cancelled"
     return f"exception_{type(e).__name__}"

@@ -8,6 +8,7 @@ messages through this module. See ``shared/PROTOCOL.md`` for the contract.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import functools
 import json
@@ -16,7 +17,8 @@ import numbers
 import sys
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
@@ -81,30 +83,36 @@ def frames_for_latent_frames(t: int) -> int:
 # --------------------------------------------------------------------------- tensor body
 
 
-def tensor_body(tensor: torch.Tensor) -> memoryview:
+def tensor_body(tensor: torch.Tensor, *, copy: bool = False) -> memoryview:
     """A read-only byte view of the tensor's logical values, C order, little-endian.
 
-    Zero-copy when the tensor is already a contiguous CPU tensor; otherwise one copy
-    is made (``.contiguous()`` / ``.cpu()``): the values sent are always the logical
-    ones, never the storage order of a transposed or expanded view.
+    Zero-copy when the tensor is already a contiguous CPU tensor (unless ``copy``);
+    otherwise one copy is made (``.contiguous()`` / ``.cpu()``): the values sent are
+    always the logical ones, never the storage order of a transposed or expanded view.
+    With ``copy=True`` the view never shares memory with ``tensor`` — a snapshot that
+    later writes to the tensor can't change.
     """
-    t = tensor.detach()
-    if t.device.type != "cpu":
+    t = tensor.detach() if tensor.requires_grad else tensor
+    fresh = False
+    if not t.is_cpu:
         t = t.cpu()
+        fresh = True
     if not t.is_contiguous():
         t = t.contiguous()
+        fresh = True
     if t.dtype is torch.bfloat16:  # numpy has no bfloat16: same bytes as int16
         t = t.view(torch.int16)
     arr = t.numpy()
     if sys.byteorder != "little" and arr.itemsize > 1:  # pragma: no cover - big-endian hosts
         arr = arr.byteswap()
-    return memoryview(arr).cast("B").toreadonly()
+        fresh = True
+    view = memoryview(arr).cast("B")
+    if copy and not fresh:
+        return memoryview(view.tobytes())
+    return view.toreadonly()
 
 
-# --------------------------------------------------------------------------- requests
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WireRequest:
     """One request ready to send: query parameters (ordered, repeated keys allowed),
     headers, the body (a zero-copy view where possible) and what the answer must be."""
@@ -113,9 +121,15 @@ class WireRequest:
     headers: Mapping[str, str]
     body: memoryview | bytes
     expect: ResponseKind
-    #: For tensor answers whose size the request determines, nothing; the response's
-    #: headers are checked against the body instead (see :func:`parse_tensor_headers`).
-    meta: Mapping[str, Any] = field(default_factory=dict)
+    #: The answer's expected size in bytes, where the request tells (tensor answers:
+    #: exact for decode, an upper estimate for encode; images: the raw pixel size);
+    #: 0 where unknown (mp4). The client reserves it in its byte budget before sending.
+    size_hint: int = 0
+    #: The tensor body's shape (None for an image body).
+    shape: tuple[int, ...] | None = None
+    #: Requests with equal keys may be coalesced into one (everything on the wire but
+    #: the leading dimension agrees); None: this one may not.
+    batch_key: Any = None
 
     @property
     def nbytes(self) -> int:
@@ -201,7 +215,7 @@ class DecodeOptions:
             if v is not None and (not _is_int(v) or v <= 0):
                 raise InputError(f"{name}={v!r} must be a positive int (pixels)")
 
-    def params(self, shape: Iterable[int], dtype: str) -> tuple[tuple[str, str], ...]:
+    def params(self, shape: Iterable[Any], dtype: str) -> tuple[tuple[str, str], ...]:
         """The query parameters, in the reference client's order and formatting."""
         p: list[tuple[str, str]] = [
             ("image_format", format_param(self.image_format)),
@@ -222,6 +236,13 @@ class DecodeOptions:
         return tuple(p)
 
 
+def _check_layout(tensor: torch.Tensor, what: str) -> None:
+    if tensor.layout is not torch.strided:
+        raise InputError(f"{what} is a {tensor.layout} tensor; send a dense one (tensor.to_dense())")
+    if tensor.device.type == "meta":
+        raise InputError(f"{what} is on the meta device and holds no values")
+
+
 def check_latent(tensor: Any, opts: DecodeOptions) -> None:
     """Raise :class:`InputError` when ``tensor`` can't be a decode input under ``opts``."""
     if not isinstance(tensor, torch.Tensor):
@@ -232,6 +253,7 @@ def check_latent(tensor: Any, opts: DecodeOptions) -> None:
             f"latents of dtype {name} can't be sent; convert them first, e.g. tensor.to(torch.float16) "
             f"(supported: {', '.join(LATENT_DTYPES)})"
         )
+    _check_layout(tensor, "the latent tensor")
     if tensor.dim() not in (3, 4, 5):
         raise InputError(
             f"latents must be 4-D [B,C,H,W] (image), 3-D [B,seq,C] (packed, with height/width) "
@@ -248,18 +270,131 @@ def check_latent(tensor: Any, opts: DecodeOptions) -> None:
         raise InputError(f"output_type='mp4' needs 5-D video latents, got {tensor.dim()}-D")
 
 
+def decode_size_hint(shape: tuple[int, ...], opts: DecodeOptions) -> int:
+    """The decode answer's size in bytes as the request implies it (0: unknown, mp4).
+
+    Pixels are the latent size times :data:`SPATIAL_FACTOR` (``height``/``width`` for
+    packed latents), video frames ``(T - 1) * 4 + 1``; tensors are uint8 with
+    ``partial_postprocess``, else 2 bytes a value (4 for a processor's frames, whose
+    dtype the protocol leaves open); an image is at most its raw pixels plus a margin.
+    """
+    if opts.output_type == "mp4":
+        return 0
+    b = shape[0]
+    if len(shape) == 3:
+        h, w, frames = opts.height or 0, opts.width or 0, 1
+    elif len(shape) == 5:
+        h, w, frames = shape[3] * SPATIAL_FACTOR, shape[4] * SPATIAL_FACTOR, frames_for_latent_frames(shape[2])
+    else:
+        h, w, frames = shape[2] * SPATIAL_FACTOR, shape[3] * SPATIAL_FACTOR, 1
+    values = b * frames * h * w * 3
+    if not opts.expects_tensor:  # an encoded image: never bigger than raw pixels + PNG overhead
+        return values + h * b * frames + 4096
+    if opts.output_type == "pt" and opts.partial_postprocess:
+        return values
+    return values * (4 if opts.processor is not None and opts.output_type == "pil" else 2)
+
+
+#: Encode answers are latents ``[B, C, H/8, W/8]`` whose channels and dtype the request
+#: doesn't tell: the size hint assumes 16 channels of 4 bytes (the byte budget's lease
+#: shrinks to the true size when the answer's headers arrive).
+ENCODE_HINT_BYTES_PER_LATENT_PIXEL = 16 * 4
+
+
+def encode_size_hint(batch: int, height: int, width: int) -> int:
+    """An upper estimate of an encode answer's size in bytes."""
+    return batch * (height // SPATIAL_FACTOR) * (width // SPATIAL_FACTOR) * ENCODE_HINT_BYTES_PER_LATENT_PIXEL
+
+
+class _Facts:
+    """What a request of one shape and dtype looks like, derived once per plan.
+
+    ``batch_key`` is set where items of this shape may share a coalesced request: it is
+    everything on the wire but the leading dimension (so equal keys mean equal
+    options, per-item shape and dtype); ``None`` where they may not (images and mp4
+    answers, video latents, PIL inputs).
+    """
+
+    __slots__ = ("batch_key", "dtype", "expect", "headers", "leading", "params", "shape", "size_hint")
+
+    def __init__(self, params: tuple[tuple[str, str], ...], headers: Mapping[str, str],
+                 expect: ResponseKind, size_hint: int, shape: tuple[int, ...], dtype: str,
+                 batch_key: Any) -> None:
+        self.params = params
+        self.headers = headers
+        self.expect = expect
+        self.size_hint = size_hint
+        self.shape = shape
+        self.dtype = dtype
+        self.leading = shape[0] if shape else 1
+        self.batch_key = batch_key
+
+
+#: Encode requests carry no headers of their own (the reference client sends none).
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+#: Distinct shapes a plan remembers (a job of a million items sees a handful).
+_PLAN_CACHE = 256
+
+
+class DecodePlan:
+    """A decode call's options, checked once, and the request facts of each latent
+    shape/dtype derived once (a bulk job re-checks nothing per item).
+
+    :meth:`request` builds the :class:`WireRequest` of one tensor; the cache is keyed
+    by ``(shape, dtype)``.
+    """
+
+    __slots__ = ("_cache", "headers", "opts")
+
+    def __init__(self, opts: DecodeOptions) -> None:
+        opts.check()
+        self.opts = opts
+        #: the request headers of every request of this plan
+        self.headers: Mapping[str, str] = {HEADER_CONTENT_TYPE: CONTENT_TYPE_TENSOR, HEADER_ACCEPT: opts.accept}
+        self._cache: dict[Any, _Facts] = {}
+
+    def facts(self, tensor: Any) -> _Facts:
+        """The checked request facts of ``tensor``'s shape and dtype."""
+        if not isinstance(tensor, torch.Tensor):
+            raise InputError(f"tensor must be a torch.Tensor of latents, got {type(tensor).__name__}")
+        key = (tensor.shape, tensor.dtype, tensor.layout)
+        f = self._cache.get(key)
+        if f is None:
+            check_latent(tensor, self.opts)
+            shape = tuple(tensor.shape)
+            opts = self.opts
+            name = dtype_name(tensor.dtype)
+            batch_key = None
+            if opts.expects_tensor and len(shape) in (3, 4):
+                batch_key = ("decode", opts.params(("*", *shape[1:]), name), opts.accept)
+            f = _Facts(
+                opts.params(shape, name), self.headers, opts.expect, decode_size_hint(shape, opts),
+                shape, name, batch_key,
+            )
+            if len(self._cache) >= _PLAN_CACHE:
+                self._cache.clear()
+            self._cache[key] = f
+        return f
+
+    def request(self, tensor: torch.Tensor, *, copy: bool = False) -> WireRequest:
+        """The request for ``tensor`` (``copy``: the body is a snapshot, see :func:`tensor_body`)."""
+        f = self.facts(tensor)
+        return WireRequest(f.params, f.headers, tensor_body(tensor, copy=copy), f.expect, f.size_hint,
+                           f.shape, f.batch_key)
+
+    def stacked(self, shape: tuple[int, ...], dtype: str, body: bytes) -> WireRequest:
+        """One request for several same-shaped latents whose bodies were joined along
+        dim 0 (request coalescing); ``shape`` is the stacked shape."""
+        return WireRequest(
+            self.opts.params(shape, dtype), self.headers, body, self.opts.expect,
+            decode_size_hint(shape, self.opts), shape,
+        )
+
+
 def decode_request(tensor: torch.Tensor, opts: DecodeOptions) -> WireRequest:
     """Validate and build a decode request (raises :class:`InputError`; nothing is sent)."""
-    opts.check()
-    check_latent(tensor, opts)
-    name = dtype_name(tensor.dtype)
-    body = tensor_body(tensor)
-    return WireRequest(
-        params=opts.params(tensor.shape, name),
-        headers={HEADER_CONTENT_TYPE: CONTENT_TYPE_TENSOR, HEADER_ACCEPT: opts.accept},
-        body=body,
-        expect=opts.expect,
-    )
+    return DecodePlan(opts).request(tensor)
 
 
 def _is_bool(v: Any) -> bool:
@@ -280,58 +415,121 @@ def check_scale(scaling_factor: Any, shift_factor: Any) -> None:
             raise InputError(f"{name}={v!r} must be a finite number or None")
 
 
-def pil_to_png(image: Image.Image) -> bytes:
-    """PNG bytes of a PIL image, exactly as the reference client makes them."""
+#: PIL modes a PNG can't hold that are sent as RGB (what the endpoint makes of any image).
+_TO_RGB_MODES = frozenset({"CMYK", "YCbCr", "LAB", "HSV"})
+#: zlib level of the PNG bodies: 1 is several times faster than PIL's default 6 and the
+#: pixels (all the endpoint reads) are the same; the body is somewhat larger.
+PNG_COMPRESS_LEVEL = 1
+
+
+def pil_to_png(image: Image.Image, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    """PNG bytes of a PIL image (the body of an encode request).
+
+    Modes PNG can't store (CMYK, YCbCr, LAB, HSV) are converted to RGB first; float and
+    32-bit integer images are refused, since their scale is ambiguous.
+    """
     import io
 
+    if image.mode in _TO_RGB_MODES:
+        image = image.convert("RGB")
+    elif image.mode in ("F", "I"):
+        raise InputError(
+            f"a mode {image.mode!r} image (32-bit {'float' if image.mode == 'F' else 'int'}) can't be "
+            "sent: its value range is ambiguous; convert it to 'RGB' (or 'I;16'/'L') first"
+        )
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    try:
+        image.save(buf, format="PNG", compress_level=compress_level)
+    except (OSError, ValueError) as e:
+        raise InputError(f"the {image.mode} image can't be encoded as PNG ({e}); convert('RGB') it first") from None
     return buf.getvalue()
+
+
+#: Pixels above which encoding a PIL image to PNG is worth a worker thread.
+PNG_THREAD_PIXELS = 128 * 128
+
+
+class EncodePlan:
+    """An encode call's options, checked once; :meth:`request` builds one request."""
+
+    __slots__ = ("_cache", "_params", "scaling_factor", "shift_factor")
+
+    #: encode requests carry no headers of their own (the reference client sends none)
+    headers: Mapping[str, str] = MappingProxyType({})
+
+    def __init__(self, scaling_factor: float | None = None, shift_factor: float | None = None) -> None:
+        check_scale(scaling_factor, shift_factor)
+        self.scaling_factor = scaling_factor
+        self.shift_factor = shift_factor
+        params: list[tuple[str, str]] = []
+        if scaling_factor is not None:
+            params.append(("scaling_factor", format_param(scaling_factor)))
+        if shift_factor is not None:
+            params.append(("shift_factor", format_param(shift_factor)))
+        self._params = tuple(params)
+        self._cache: dict[Any, _Facts] = {}
+
+    def facts(self, image: Any) -> _Facts:
+        """The checked request facts of an image tensor's shape and dtype."""
+        key = (image.shape, image.dtype, image.layout)
+        f = self._cache.get(key)
+        if f is None:
+            name = dtype_name(image.dtype)
+            if name not in DTYPES:
+                raise InputError(
+                    f"image tensors of dtype {name} can't be sent; use float16/float32/bfloat16 in [-1, 1] "
+                    "or uint8 in [0, 255]"
+                )
+            _check_layout(image, "the image tensor")
+            if image.dim() not in (3, 4) or image.shape[-3] != 3:
+                raise InputError(
+                    f"image tensor must be [3,H,W] or [B,3,H,W] (channels first), got shape {list(image.shape)}"
+                )
+            if image.numel() == 0:
+                raise InputError(f"image tensor is empty (shape {list(image.shape)})")
+            h, w = image.shape[-2:]
+            if h % SPATIAL_FACTOR or w % SPATIAL_FACTOR:
+                raise InputError(
+                    f"image tensor height and width must be multiples of {SPATIAL_FACTOR}, got {h}x{w}; "
+                    "resize or crop it first"
+                )
+            shape = tuple(image.shape)
+            batch = shape[0] if len(shape) == 4 else 1
+            batch_key = ("encode", self._tensor_params(("*", *shape[1:]), name)) if len(shape) == 4 else None
+            f = _Facts(self._tensor_params(shape, name), _NO_HEADERS, "tensor", encode_size_hint(batch, h, w),
+                       shape, name, batch_key)
+            if len(self._cache) >= _PLAN_CACHE:
+                self._cache.clear()
+            self._cache[key] = f
+        return f
+
+    def _tensor_params(self, shape: tuple[Any, ...], dtype: str) -> tuple[tuple[str, str], ...]:
+        return self._params + tuple(("shape", format_param(s)) for s in shape) + (("dtype", dtype),)
+
+    def request(self, image: Any, *, copy: bool = False) -> WireRequest:
+        """The request for a PIL image (a PNG body) or an image tensor."""
+        if isinstance(image, torch.Tensor):
+            f = self.facts(image)
+            return WireRequest(f.params, f.headers, tensor_body(image, copy=copy), "tensor", f.size_hint,
+                               f.shape, f.batch_key)
+        if isinstance(image, Image.Image):
+            if image.width < SPATIAL_FACTOR or image.height < SPATIAL_FACTOR:
+                raise InputError(f"image is {image.width}x{image.height}; it must be at least 8x8 pixels")
+            return WireRequest(self._params, _NO_HEADERS, pil_to_png(image), "tensor",
+                               encode_size_hint(1, image.height, image.width))
+        raise InputError(f"image must be a PIL.Image.Image or a torch.Tensor, got {type(image).__name__}")
+
+    def stacked(self, shape: tuple[int, ...], dtype: str, body: bytes) -> WireRequest:
+        """One request for several same-shaped image tensors joined along dim 0."""
+        return WireRequest(self._tensor_params(shape, dtype), _NO_HEADERS, body, "tensor",
+                           encode_size_hint(shape[0], shape[-2], shape[-1]), shape)
 
 
 def encode_request(
     image: Any, scaling_factor: float | None = None, shift_factor: float | None = None
 ) -> WireRequest:
     """Validate and build an encode request for a PIL image or an image tensor."""
-    check_scale(scaling_factor, shift_factor)
-    params: list[tuple[str, str]] = []
-    if scaling_factor is not None:
-        params.append(("scaling_factor", format_param(scaling_factor)))
-    if shift_factor is not None:
-        params.append(("shift_factor", format_param(shift_factor)))
-    if isinstance(image, torch.Tensor):
-        name = dtype_name(image.dtype)
-        if name not in DTYPES:
-            raise InputError(
-                f"image tensors of dtype {name} can't be sent; use float16/float32/bfloat16 in [-1, 1] "
-                "or uint8 in [0, 255]"
-            )
-        if image.dim() not in (3, 4) or image.shape[-3] != 3:
-            raise InputError(
-                f"image tensor must be [3,H,W] or [B,3,H,W] (channels first), got shape {list(image.shape)}"
-            )
-        if image.numel() == 0:
-            raise InputError(f"image tensor is empty (shape {list(image.shape)})")
-        h, w = image.shape[-2:]
-        if h % SPATIAL_FACTOR or w % SPATIAL_FACTOR:
-            raise InputError(
-                f"image tensor height and width must be multiples of {SPATIAL_FACTOR}, got {h}x{w}; "
-                "resize or crop it first"
-            )
-        params += [("shape", format_param(s)) for s in image.shape]
-        params.append(("dtype", name))
-        body: memoryview | bytes = tensor_body(image)
-        headers: dict[str, str] = {}
-    elif isinstance(image, Image.Image):
-        if image.width < SPATIAL_FACTOR or image.height < SPATIAL_FACTOR:
-            raise InputError(f"image is {image.width}x{image.height}; it must be at least 8x8 pixels")
-        body = pil_to_png(image)
-        headers = {}
-    else:
-        raise InputError(
-            f"image must be a PIL.Image.Image or a torch.Tensor, got {type(image).__name__}"
-        )
-    return WireRequest(params=tuple(params), headers=headers, body=body, expect="tensor")
+    return EncodePlan(scaling_factor, shift_factor).request(image)
 
 
 # --------------------------------------------------------------------------- responses
@@ -483,6 +681,9 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
             return None
         if when is None:
             return None
+        if when.tzinfo is None:
+            # asctime dates and "-0000" carry no zone; HTTP dates are always GMT (RFC 9110)
+            when = when.replace(tzinfo=datetime.UTC)
         secs = when.timestamp() - (time.time() if now is None else now)
     if not math.isfinite(secs):
         return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Coroutine, Iterable
@@ -22,7 +23,7 @@ import torch
 from PIL import Image
 
 from .client import Client
-from .errors import InputError, ItemError
+from .errors import ClientClosedError, InputError, ItemError
 
 __all__ = [
     "configure",
@@ -46,12 +47,23 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 class _LoopThread:
-    """One event loop running forever in a daemon thread, with cached clients."""
+    """One event loop running in a daemon thread, with cached clients.
 
-    def __init__(self, client_kwargs: dict[str, Any]):
+    Clients are cached per endpoint and per *generation* of options: ``configure()``
+    starts a new generation, so a call that starts after it uses the new options,
+    while calls already running on an older client finish there; that client is
+    closed once it is idle.
+    """
+
+    def __init__(self) -> None:
         self.loop = _new_loop()
-        self.clients: dict[str, Client] = {}
-        self.client_kwargs = client_kwargs
+        self.clients: dict[tuple[int, str], Client] = {}
+        self.active: dict[Client, int] = {}
+        self.retired: set[Client] = set()
+        #: calls submitted from other threads and not yet answered (failed on close)
+        self.pending: set[concurrent.futures.Future[Any]] = set()
+        self.pending_lock = threading.Lock()
+        self.closing = False
         ready = threading.Event()
         self.thread = threading.Thread(target=self._main, args=(ready,), name="asyncvae-loop", daemon=True)
         self.thread.start()
@@ -62,14 +74,41 @@ class _LoopThread:
         self.loop.call_soon(ready.set)
         self.loop.run_forever()
 
-    def client(self, endpoint: str) -> Client:
-        # runs on the loop thread
-        c = self.clients.get(endpoint)
+    # ---- on the loop thread
+    def _client(self, endpoint: str, generation: int, kwargs: dict[str, Any]) -> Client:
+        key = (generation, endpoint)
+        c = self.clients.get(key)
         if c is None:
-            c = Client(endpoint, **self.client_kwargs)
-            self.clients[endpoint] = c
+            self.retire_before(generation)
+            c = self.clients[key] = Client(endpoint, **kwargs)
         return c
 
+    def retire_before(self, generation: int) -> None:
+        """Retire the clients of older generations (closed now if idle, else when idle)."""
+        for old_key in [k for k in self.clients if k[0] < generation]:
+            self._retire(self.clients.pop(old_key))
+
+    def _retire(self, c: Client) -> None:
+        if self.active.get(c, 0) == 0:
+            self.loop.create_task(c.aclose())
+        else:
+            self.retired.add(c)
+
+    async def _call(self, endpoint: str, generation: int, kwargs: dict[str, Any],
+                    call: Callable[[Client], Coroutine[Any, Any, T]]) -> T:
+        c = self._client(endpoint, generation, kwargs)
+        self.active[c] = self.active.get(c, 0) + 1
+        try:
+            return await call(c)
+        finally:
+            n = self.active[c] = self.active[c] - 1
+            if n == 0:
+                del self.active[c]
+                if c in self.retired:
+                    self.retired.discard(c)
+                    await c.aclose()
+
+    # ---- from any other thread
     def run(self, endpoint: str, call: Callable[[Client], Coroutine[Any, Any, T]]) -> T:
         """Run ``call(client)`` on the loop with the endpoint's cached client; wait for it."""
         if threading.current_thread() is self.thread:
@@ -77,34 +116,55 @@ class _LoopThread:
                 "asyncvae's sync functions were called from its own event loop thread; "
                 "use `await Client.decode(...)` there instead"
             )
-
-        async def go() -> T:
-            return await call(self.client(endpoint))
-
-        fut = asyncio.run_coroutine_threadsafe(go(), self.loop)
+        with _lock:
+            generation, kwargs = _generation, _client_kwargs
+        coro = self._call(endpoint, generation, kwargs, call)
+        with self.pending_lock:
+            if self.closing:
+                coro.close()
+                raise ClientClosedError("asyncvae.shutdown() was called; the call was not sent")
+            fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+            self.pending.add(fut)
         try:
             return fut.result()
         except (KeyboardInterrupt, SystemExit):
             fut.cancel()
             raise
         except concurrent.futures.CancelledError:
-            raise RuntimeError("the asyncvae loop was shut down while the call was running") from None
+            raise ClientClosedError("asyncvae.shutdown() stopped the call while it ran") from None
+        finally:
+            with self.pending_lock:
+                self.pending.discard(fut)
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Close every client (calls still running end with ClientClosedError), then
+        stop the loop and its thread."""
+
         async def _close() -> None:
-            for c in list(self.clients.values()):
-                await c.aclose()
+            clients = set(self.clients.values()) | self.retired | set(self.active)
             self.clients.clear()
+            self.retired.clear()
+            await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
+            # let the calls that were woken with ClientClosedError hand it to their threads
+            pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            if pending:
+                await asyncio.wait(pending, timeout=timeout / 2)
+                for t in pending:
+                    t.cancel()
 
+        with self.pending_lock:
+            self.closing = True  # no new calls from here on
         if self.loop.is_closed():
             return
         if self.thread.is_alive():
-            try:
+            with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(_close(), self.loop).result(timeout)
-            except Exception:
-                pass
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout)
+        with self.pending_lock:
+            stranded, self.pending = list(self.pending), set()
+        for fut in stranded:  # never run, or never finished: their callers must not hang
+            fut.cancel()
         if not self.thread.is_alive():
             self.loop.close()
 
@@ -112,6 +172,8 @@ class _LoopThread:
 _lock = threading.Lock()
 _runner: _LoopThread | None = None
 _client_kwargs: dict[str, Any] = {}
+_generation = 0
+_ALLOWED = frozenset({"limits", "timeout", "retry", "token", "headers", "verify", "transport"})
 
 
 def _get_runner() -> _LoopThread:
@@ -121,27 +183,39 @@ def _get_runner() -> _LoopThread:
         return r
     with _lock:
         if _runner is None or not _runner.thread.is_alive():
-            _runner = _LoopThread(dict(_client_kwargs))
+            _runner = _LoopThread()
         return _runner
 
 
 def configure(**client_kwargs: Any) -> None:
     """Set the :class:`~asyncvae.Client` options (``limits``, ``timeout``, ``retry``,
-    ``token``, ``headers``, ``verify``) used by the sync functions from now on.
+    ``token``, ``headers``, ``verify``, ``transport``) used by the sync functions.
 
-    Cached clients are closed; the next call makes new ones with these options.
+    Calls that start after ``configure()`` returns use the new options, from any
+    thread; calls already running finish with the options they started with (their
+    client is closed once idle). The options are checked here: a bad value raises
+    :class:`~asyncvae.InputError` and leaves the old ones in place.
     """
-    global _client_kwargs
-    allowed = {"limits", "timeout", "retry", "token", "headers", "verify"}
-    unknown = set(client_kwargs) - allowed
+    global _client_kwargs, _generation
+    unknown = set(client_kwargs) - _ALLOWED
     if unknown:
-        raise InputError(f"unknown option(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(allowed))}")
-    shutdown()
-    _client_kwargs = dict(client_kwargs)
+        raise InputError(f"unknown option(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(_ALLOWED))}")
+    Client("http://127.0.0.1/", **client_kwargs)  # checks the values; makes no connection
+    with _lock:
+        _client_kwargs = dict(client_kwargs)
+        _generation += 1
+        generation, r = _generation, _runner
+    if r is not None and r.thread.is_alive():
+        # close the idle clients of the old options now (busy ones once they are idle)
+        with contextlib.suppress(RuntimeError):
+            r.loop.call_soon_threadsafe(r.retire_before, generation)
 
 
 def shutdown() -> None:
-    """Close the sync clients and stop the background loop (also done at exit)."""
+    """Close the sync clients and stop the background loop (also done at exit).
+
+    Calls running in other threads end with :class:`~asyncvae.ClientClosedError`
+    instead of hanging; the next sync call starts a fresh loop."""
     global _runner
     with _lock:
         r, _runner = _runner, None

@@ -45,7 +45,7 @@ from urllib.parse import urlencode
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scenarios import S7_SIDES, SCENARIOS, Scenario
+from scenarios import S7_CALLERS, S7_SIDES, SCENARIOS, Scenario
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
@@ -56,19 +56,22 @@ CONTENDERS: dict[str, tuple[str, str]] = {
     "diffusers_threads32": ("b", "diffusers remote_decode from a ThreadPoolExecutor of 32"),
     "httpx_8": ("c", "httpx.AsyncClient, 8 tasks, body -> tensor like diffusers (bytearray copy)"),
     "httpx_64": ("c", "httpx.AsyncClient, 64 tasks, body -> tensor like diffusers"),
-    "aiohttp_64": ("d", "minimal aiohttp loop, 64 tasks: post bytes, read body, torch.frombuffer (the floor)"),
+    "aiohttp_64": ("d", "minimal aiohttp loop, 64 tasks: URL built once, post bytes, read body, "
+                        "torch.frombuffer (the floor)"),
     "wrk": ("e", "wrk -t1 -c64 POSTing the same request (server ceiling; body discarded)"),
     "asyncvae_sync_seq": ("f", "asyncvae.remote_decode (sync drop-in), sequential"),
     "asyncvae_many_default": ("g", "asyncvae Client.decode_many, default Limits()"),
     "asyncvae_many_tuned": ("g", "asyncvae Client.decode_many, Limits tuned per scenario"),
     "asyncvae_batch": ("h", "asyncvae.remote_decode_batch (sync, ordered)"),
     # S7 only
-    "asyncvae_many_b1": ("g", "decode_many, Limits(max_batch=1) (S7 baseline)"),
+    "asyncvae_many_b1": ("g", "decode_many, Limits() (S7 baseline)"),
     "asyncvae_many_b8": ("g", "decode_many, Limits(max_batch=8) (S7 coalescing)"),
+    "asyncvae_calls_b1": ("i", f"{S7_CALLERS} concurrent Client.decode() callers, Limits() (S7 baseline)"),
+    "asyncvae_calls_b8": ("i", f"{S7_CALLERS} concurrent Client.decode() callers, Limits(max_batch=8)"),
 }
 
 ASYNC = {"httpx_8", "httpx_64", "aiohttp_64", "asyncvae_many_default", "asyncvae_many_tuned",
-         "asyncvae_many_b1", "asyncvae_many_b8"}
+         "asyncvae_many_b1", "asyncvae_many_b8", "asyncvae_calls_b1", "asyncvae_calls_b8"}
 
 
 # --------------------------------------------------------------------------- memory / cpu
@@ -285,7 +288,7 @@ def run_asyncvae_batch(ctx: Ctx) -> None:
     ctx.begin()
     th = threading.Thread(target=go, daemon=True)
     th.start()
-    client = sync._get_runner().clients[ctx.url]
+    client = _sync_client(sync, ctx.url)
     seen, last = -1, time.perf_counter()
     while th.is_alive():  # stall watchdog on the sync client's completions
         th.join(1.0)
@@ -306,13 +309,18 @@ def run_asyncvae_batch(ctx: Ctx) -> None:
             ctx.check(r)
     # per-item latency is only visible to the client: read its stats (bench-only peek)
     try:
-        stats = sync._get_runner().clients[ctx.url].stats
+        stats = _sync_client(sync, ctx.url).stats
         ctx.extra["latency_from"] = "client.stats (includes the warm-up request)"
         ctx.extra["p50_ms"] = stats.percentile_ms(50)
         ctx.extra["p99_ms"] = stats.percentile_ms(99)
         ctx.extra["client_stats"] = _stats_brief(stats)
     except Exception as e:
         ctx.extra["latency_from"] = f"unavailable ({e!r})"
+
+
+def _sync_client(sync: Any, url: str) -> Any:
+    """The sync front door's cached client of ``url`` (a bench-only peek)."""
+    return next(c for (_, u), c in sync._get_runner().clients.items() if u == url)
 
 
 def _stats_brief(stats: Any) -> dict[str, Any]:
@@ -363,9 +371,11 @@ async def run_httpx(ctx: Ctx, tasks: int) -> None:
 
 async def run_aiohttp(ctx: Ctx, tasks: int) -> None:
     import aiohttp
+    import yarl
 
     conn = aiohttp.TCPConnector(limit=tasks)
-    url = ctx.url + ("&" if "?" in ctx.url else "?") + ctx.query
+    # built once, already encoded: aiohttp neither parses nor re-encodes the query per request
+    url = yarl.URL(ctx.url + ("&" if "?" in ctx.url else "?") + ctx.query, encoded=True)
     async with aiohttp.ClientSession(connector=conn, auto_decompress=False,
                                      read_bufsize=ctx.args.read_bufsize) as session:
         async def call(t: torch.Tensor) -> torch.Tensor:
@@ -425,6 +435,40 @@ async def run_decode_many(ctx: Ctx, limits_kw: dict[str, Any]) -> None:
         if not task.cancelled():
             task.result()
         ctx.end()
+        ctx.extra["client_stats"] = _stats_brief(client.stats)
+
+
+async def run_decode_calls(ctx: Ctx, limits_kw: dict[str, Any], callers: int) -> None:
+    """``callers`` tasks each awaiting ``Client.decode()`` in turn (what an async web app
+    does): the client sees concurrent single calls, not an iterator."""
+    import asyncvae
+
+    ctx.extra["limits"] = limits_kw
+    ctx.extra["callers"] = callers
+    async with asyncvae.Client(ctx.url, limits=asyncvae.Limits(**limits_kw)) as client:
+        await client.decode(ctx.latent, **ctx.opts)
+        results: dict[int, Any] = {}
+        counter = itertools.count()
+
+        async def caller() -> None:
+            while True:
+                i = next(counter)
+                if not ctx.more(i):
+                    return
+                t = time.perf_counter()
+                try:
+                    out = await client.decode(ctx.item(i), **ctx.opts)
+                except Exception as e:
+                    ctx.error(e)
+                    continue
+                ctx.latencies.append(time.perf_counter() - t)
+                results[i] = out
+
+        ctx.begin()
+        await asyncio.gather(*(caller() for _ in range(callers)))
+        ctx.end()
+        for i in sorted(results):  # in input order, so digests line up with the other side
+            ctx.check(results[i])
         ctx.extra["client_stats"] = _stats_brief(client.stats)
 
 
@@ -543,6 +587,8 @@ def measure(ctx: Ctx, name: str) -> None:
         run_async(ctx, run_decode_many(ctx, {}))
     elif name == "asyncvae_many_tuned":
         run_async(ctx, run_decode_many(ctx, dict(ctx.sc.tuned)))
+    elif name.startswith("asyncvae_calls_"):
+        run_async(ctx, run_decode_calls(ctx, dict(S7_SIDES[name]), S7_CALLERS))
     elif name in S7_SIDES:
         run_async(ctx, run_decode_many(ctx, dict(S7_SIDES[name])))
     else:

@@ -101,8 +101,13 @@ SCENARIOS: dict[str, Scenario] = {
     ]
 }
 
-#: S7's two sides: same client settings except coalescing.
+#: S7's sides: every Limits field at its default except coalescing (a user turns it on and
+#: nothing else), through ``decode_many`` and through 64 concurrent ``decode()`` callers.
 S7_SIDES: dict[str, dict[str, Any]] = {
-    "asyncvae_many_b1": {"max_concurrency": 16, "max_queued": 128, "max_batch": 1},
-    "asyncvae_many_b8": {"max_concurrency": 16, "max_queued": 128, "max_batch": 8, "max_batch_wait": 0.005},
+    "asyncvae_many_b1": {},
+    "asyncvae_many_b8": {"max_batch": 8},
+    "asyncvae_calls_b1": {},
+    "asyncvae_calls_b8": {"max_batch": 8},
 }
+#: Concurrent ``decode()`` callers of the ``asyncvae_calls_*`` contenders.
+S7_CALLERS = 64

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -149,3 +150,46 @@ def serve_subprocess() -> Iterator[Callable[..., ServeProcess]]:
     yield start
     for sp in procs:
         sp.kill()
+
+
+class RawServer:
+    """``tests/rawserver.py`` in its own process: answers every request with the raw
+    bytes last given to :meth:`set` (free to lie about anything), optionally in two
+    TCP segments. Its own process, so its allocations never count as the client's."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self._proc: subprocess.Popen[str] | None = None
+
+    def set(self, raw: bytes, *, split: int = 0, pause: float = 0.0) -> None:
+        """The answer of the next requests (``split``: bytes sent before a ``pause``)."""
+        req = urllib.request.Request(
+            f"{self.url}__answer?split={split}&pause={pause}", data=raw, method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 204
+
+    def start(self) -> RawServer:
+        self._proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "rawserver.py")], stdout=subprocess.PIPE, text=True
+        )
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        assert line.startswith("rawserver: listening on "), line
+        self.url = line.split(" on ", 1)[1].strip()
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(10)
+            if self._proc.stdout is not None:
+                self._proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def raw_server() -> Iterator[RawServer]:
+    """A :class:`RawServer` for the module."""
+    srv = RawServer().start()
+    yield srv
+    srv.stop()

@@ -291,7 +291,7 @@ CASES: dict[str, Case] = {
     "configure-unknown-keyword": (
         lambda u: asyncvae.configure(retries=3),
         InputError,
-        "unknown option(s) retries; valid: headers, limits, retry, timeout, token, verify",
+        "unknown option(s) retries; valid: headers, limits, retry, timeout, token, transport, verify",
     ),
     # ---- configuration values
     "limits-zero": (
@@ -372,7 +372,7 @@ CASES: dict[str, Case] = {
             f"http://127.0.0.1:{free_port()}/", retry=Retry(attempts=2, backoff_base=0.001)
         ),
         RetryExhausted,
-        "retries exhausted after 2 attempt(s); last error: TransportError: connection to 127.0.0.1:",
+        "retries exhausted after 2 attempt(s); last error: TransportError: cannot connect to 127.0.0.1:",
     ),
     "tls-failure": (
         lambda u: decode(u["srv"].replace("http://", "https://")),
@@ -382,7 +382,7 @@ CASES: dict[str, Case] = {
     "read-timeout": (
         lambda u: decode(u["odd"] + "stall", timeout=Timeout(read=0.2)),
         RetryExhausted,
-        "last error: TransportError: timed out before a response arrived from 127.0.0.1:",
+        "last error: TransportError: timed out talking to 127.0.0.1:",
     ),
     # ---- the server says no
     "server-output-too-large": (
@@ -456,11 +456,21 @@ async def _drain_many(url: str, **kw: Any) -> list[Any]:
 
 
 async def _send_raw_encode(url: str, body: bytes) -> Any:
-    """What ``remote_encode`` can't send: bytes that are no image (as another client might)."""
-    async with Client(url, retry=NO_RETRY) as c:
-        job = c._encode_job(png_of(8, 8), (None, None))
-        job.request = protocol.WireRequest((), {}, body, "tensor")
-        return await c._call(job)
+    """What ``remote_encode`` can't send: bytes that are no image (as another client might),
+    posted through the public transport seam; the server's answer becomes the error the
+    client would raise for it."""
+    from yarl import URL
+
+    from asyncvae.transport import Request
+    from asyncvae.transport.native import NativeTransport
+
+    t = NativeTransport()
+    try:
+        async with await t.send(Request("POST", URL(url), (), body)) as resp:
+            text = await resp.read(1 << 16)
+            raise asyncvae.EndpointError(protocol.error_body(resp.status, text), status=resp.status, url=url)
+    finally:
+        await t.aclose()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -704,4 +714,4 @@ def test_cli_unreachable_endpoint_reports_failures(
     )
     assert rc == 3
     assert "asyncvae encode: error: 1 item(s) failed (listed in" in err and "Traceback" not in err
-    assert "Cannot connect" in (tmp_path / "out" / "failures.jsonl").read_text()
+    assert "cannot connect" in (tmp_path / "out" / "failures.jsonl").read_text()

@@ -6,17 +6,23 @@ import inspect
 import asyncvae
 
 EXPECTED = {
-    "AsyncVAEError", "Client", "EndpointError", "InputError", "ItemError", "Limits",
-    "ProtocolError", "Retry", "RetryExhausted", "Stats", "Timeout", "TransportError",
+    "AsyncVAEError", "Client", "ClientClosedError", "EndpointError", "InputError", "ItemError",
+    "Limits", "ProtocolError", "Retry", "RetryExhausted", "Stats", "Timeout", "TransportError",
     "__version__", "configure", "remote_decode", "remote_decode_batch", "remote_encode",
-    "remote_encode_batch",
+    "remote_encode_batch", "shutdown",
 }
+
+#: The transport seam: its own curated namespace.
+EXPECTED_TRANSPORT = {"Request", "Response", "Timeouts", "Transport"}
 
 
 def test_exports_are_pinned():
     assert set(asyncvae.__all__) == EXPECTED
     for name in asyncvae.__all__:
         assert hasattr(asyncvae, name), name
+    import importlib
+
+    assert set(importlib.import_module("asyncvae.transport").__all__) == EXPECTED_TRANSPORT
 
 
 def test_documented_signatures_match_diffusers_exactly():
@@ -40,7 +46,7 @@ def test_error_hierarchy():
     assert issubclass(asyncvae.EndpointError, RuntimeError)
     assert issubclass(asyncvae.RetryExhausted, RuntimeError)
     for cls in (asyncvae.InputError, asyncvae.EndpointError, asyncvae.ProtocolError,
-                asyncvae.RetryExhausted, asyncvae.TransportError):
+                asyncvae.RetryExhausted, asyncvae.TransportError, asyncvae.ClientClosedError):
         assert issubclass(cls, asyncvae.AsyncVAEError)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import warnings
 
 import pytest
 import torch
@@ -96,15 +95,51 @@ async def test_hf_token_env_is_used_and_false_disables(monkeypatch):
         await rec.close()
 
 
-def test_tls_verification_on_by_default_and_off_warns():
-    c = Client("https://127.0.0.1:1/")
-    assert c._ssl is True
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        Client("https://127.0.0.1:1/", verify=False)
-    assert any("verification is off" in str(x.message) for x in w)
-    ctx = ssl.create_default_context()
-    assert Client("https://127.0.0.1:1/", verify=ctx)._ssl is ctx
+@pytest.fixture
+async def https_server():
+    """The reference server behind real TLS, with a certificate from a throwaway CA
+    (``trustme``): yields ``(url, ca)``."""
+    import trustme
+
+    from asyncvae.server import create_app
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(ctx)
+    runner = web.AppRunner(create_app(ServerConfig()))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"https://127.0.0.1:{port}/", ca
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("transport", ["native", "aiohttp"])
+async def test_tls_verified_by_default_against_a_real_https_server(https_server, transport):
+    url, ca = https_server
+    z = torch.zeros(1, 4, 8, 8, dtype=torch.float16)
+    # an untrusted (self-signed CA) certificate: refused, not retried
+    async with Client(url, retry=Retry(attempts=3, backoff_base=0.001), transport=transport) as c:
+        with pytest.raises(asyncvae.TransportError) as ei:
+            await c.decode(z, **PT)
+    assert ei.value.kind == "tls" and not ei.value.retryable
+    assert "certificate" in str(ei.value).lower()
+    assert c.stats.requests == 1
+    # trusting the CA through an SSLContext: verified, and it works
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    async with Client(url, verify=trusting, token=TOKEN, transport=transport) as c:
+        out = await c.decode(z, **PT)
+    assert out.shape == (1, 64, 64, 3)
+    # verification off: works, with a warning that says what that means
+    with pytest.warns(UserWarning, match="verification is off"):
+        c = Client(url, verify=False, transport=transport)
+    async with c:
+        assert (await c.decode(z, **PT)).shape == (1, 64, 64, 3)
 
 
 async def test_tls_failure_is_a_clear_non_retryable_error():

@@ -55,7 +55,7 @@ TIMEOUT = Timeout(connect=2.0, read=1.0)
 #: Enough patience to outlast a replica restart (~4-10 s on a loaded machine) even for
 #: the sync batches that talk to the restarted replica alone.
 RETRY = Retry(
-    attempts=100, backoff_base=0.01, backoff_max=0.25, max_retry_after=1.0, unavailable_patience=0
+    attempts=400, backoff_base=0.01, backoff_max=0.25, max_retry_after=1.0, unavailable_patience=0
 )
 
 #: Input kinds: (op, maker(generator) -> input). Several shapes and dtypes of each op.
@@ -341,7 +341,8 @@ async def run_soak(
         )
     finally:
         await client.aclose()
-        asyncvae.configure()  # closes the sync clients and their loop; restores defaults
+        asyncvae.configure()  # restores the defaults
+        await asyncio.to_thread(asyncvae.shutdown)  # closes the sync clients and their loop
     peak = sampler.stop()
 
     # what is left behind: poll briefly while the servers close their side
