@@ -46,7 +46,7 @@ SMALL_BODY = 64 * 1024
 #: Larger request bodies are written in slices of this size, waiting for the transport's
 #: write buffer to drain in between (write flow control).
 WRITE_SLICE = 1 << 20
-#: Timers may fire this early (loop clock resolution).
+#: Slack when deciding whether an armed timer fires early enough (it re-arms itself).
 _EPS = 1e-3
 
 _CONNECTING, _BUSY, _IDLE, _CLOSED = range(4)
@@ -283,9 +283,10 @@ class _Conn(asyncio.BufferedProtocol):
             return
         now = self.loop.time()
         rt, dl = self.read_timeout, self.deadline
-        if dl is not None and now + _EPS >= dl:
+        # never time out before the limit: a timer that fires early is armed again
+        if dl is not None and now >= dl:
             what = "the exchange's deadline passed"
-        elif rt is not None and now + _EPS >= self.activity + rt:
+        elif rt is not None and now >= self.activity + rt:
             what = f"no data for {rt:g} s (read timeout)"
         else:
             due = self.activity + rt if rt is not None else dl
@@ -473,7 +474,7 @@ class NativeResponse(Response):
         if rh.framing == h11.BODY_CHUNKED:
             self._decoder = h11.ChunkedDecoder()
         elif rh.framing == h11.BODY_NONE or (rh.framing == h11.BODY_LENGTH and not rh.length):
-            self._finish()
+            self._finish(strict=False)
 
     @property
     def content_length(self) -> int | None:
@@ -485,14 +486,27 @@ class NativeResponse(Response):
 
     # ------------------------------------------------------------------ release
 
-    def _finish(self) -> None:
-        """The body was read to its end: the connection goes back to the pool."""
+    def _finish(self, strict: bool = True) -> None:
+        """The body was read to its end: the connection goes back to the pool.
+
+        ``strict``: bytes that arrived after the end of a sized or chunked body (with
+        it, before it was read) make the answer suspect — its framing lied — and raise a
+        retryable ProtocolError; bytes that come later only keep the connection from
+        being reused (it is dropped when they arrive)."""
         conn = self._conn
         self._state = _DONE
         if conn is None:
             return
         self._conn = None
         conn.lent = False
+        if strict and conn.w > conn.r and self._framing != h11.BODY_EOF:
+            self._state = _CLOSED_EARLY
+            self._transport._drop(conn)
+            what = "Content-Length" if self._framing == h11.BODY_LENGTH else "last chunk"
+            raise ProtocolError(
+                f"response from {conn.key[1]}:{conn.key[2]} has more bytes after its {what}",
+                retryable=True,
+            )
         reusable = (
             self._keep
             and conn.r == conn.w  # nothing after the body
@@ -516,7 +530,7 @@ class NativeResponse(Response):
         if self._conn is None:
             return
         if self._end_pending or (self._framing == h11.BODY_LENGTH and not self._remaining):
-            self._finish()
+            self._finish(strict=False)
         else:
             self._fail()
 
