@@ -14,7 +14,8 @@ process (clean CPU and peak-RSS accounting), interleaved, repeated:
   ``auto_decompress=False``), the URL built once as ``yarl.URL(..., encoded=True)``,
   ``session.post`` + ``resp.read()`` + ``torch.frombuffer``;
 - ``aiohttp``: :class:`~asyncvae.transport.aiohttp.AiohttpTransport` — ``send`` +
-  ``read_into`` a preallocated buffer (``readchunk`` + copy);
+  ``read_into`` a ``numpy.empty(shape, uint8)`` wrapped by ``torch.from_numpy``
+  (``readchunk`` + copy);
 - ``native``: :class:`~asyncvae.transport.native.NativeTransport` — ``send`` +
   ``read_into`` (the kernel writes the body straight into the buffer).
 
@@ -66,6 +67,18 @@ def _query(sc: Any) -> str:
     return "&".join(f"{k}={v}" for k, v in parts)
 
 
+def _trim() -> None:
+    """``malloc_trim(0)`` where glibc has it: the peak-RSS baseline then excludes memory
+    the warm-up freed but the allocator kept (else the measured run reuses it and the
+    growth reads as zero)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message="The given buffer is not writable")
     import numpy as np
@@ -88,7 +101,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     async def closed_loop(call: Any) -> None:
         # warm-up: open the pool (every task's connection), fill the server's cache
         await asyncio.gather(*(call() for _ in range(tasks)))
+        for _ in range(3):  # let the loop drop its last references to the warm-up answers
+            await asyncio.sleep(0)
         gc.collect()
+        _trim()  # hand freed heap back to the OS, or the run reuses it unseen
         mem = PeakRSS()
         cpu0 = _cpu()
         t0 = time.perf_counter()
@@ -143,11 +159,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
                     if resp.status != 200:
                         raise RuntimeError(f"HTTP {resp.status}")
                     shape = json.loads(resp.headers["shape"])
-                    n = resp.content_length
-                    arr = np.empty(n, np.uint8)
-                    if await resp.read_into(memoryview(arr)) != n:
+                    arr = np.empty(shape, np.uint8)
+                    if await resp.read_into(memoryview(arr).cast("B")) != resp.content_length:
                         raise RuntimeError("short body")
-                return torch.from_numpy(arr).reshape(shape)
+                return torch.from_numpy(arr)
 
             await closed_loop(call)
             res["pool"] = t.connections()

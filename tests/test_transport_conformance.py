@@ -588,6 +588,47 @@ def test_chunked_body(kind: tuple[str, str], raw: Any) -> None:
     assert srv.accepted == 1  # chunked bodies read to their end keep the connection
 
 
+@pytest.mark.parametrize("framing", ["length", "chunked", "eof"])
+def test_slow_reader_of_a_large_body_gets_every_byte_in_order(kind: tuple[str, str], raw: Any, framing: str) -> None:
+    """A 3 MiB body read in small pieces by a reader that dawdles: the client's buffers
+    fill up, reading pauses and resumes, pieces handed out stay valid until the next
+    read. Every 4-byte counter must arrive once, in order."""
+    payload = np.arange(3 << 18, dtype="<u4").tobytes()  # 3 MiB of counters
+
+    async def handler(c: RawConn) -> None:
+        while await c.read_request() is not None:
+            if framing == "length":
+                c.write(answer(200, payload))
+            elif framing == "eof":
+                c.write(answer(200, length=False) + payload)
+            else:
+                c.write(answer(200, headers=(("Transfer-Encoding", "chunked"),), length=False))
+                c.write(chunked(*[payload[i : i + 100_003] for i in range(0, len(payload), 100_003)]))
+            await c.drain()
+            if framing == "eof":
+                return
+
+    srv = raw(handler)
+
+    async def go(t: Transport) -> None:
+        async with await t.send(post(srv.url)) as resp:  # read_chunk, holding each piece a while
+            parts = []
+            while chunk := await resp.read_chunk():
+                await asyncio.sleep(0.001)
+                parts.append(bytes(chunk))  # still valid: no read in between
+            assert b"".join(parts) == payload
+        async with await t.send(post(srv.url)) as resp:  # read_into, in odd-sized steps
+            out = bytearray(len(payload) + 7)
+            got = 0
+            while n := await resp.read_into(memoryview(out)[got : got + 77_777]):
+                got += n
+                if got % 7 == 0:
+                    await asyncio.sleep(0.001)
+            assert got == len(payload) and out[:got] == payload
+
+    run(kind, go, ports=(srv.port,), timeouts=Timeouts(read=30))
+
+
 def test_chunked_wins_over_content_length(kind: tuple[str, str], raw: Any) -> None:
     srv = raw(keepalive(lambda req: answer(
         200, chunked(b"hello"), (("Content-Length", "3"), ("Transfer-Encoding", "chunked")), length=False
