@@ -1178,3 +1178,21 @@ def test_tls_verification(kind: tuple[str, str], raw: Any, tls: TLS) -> None:
     run(kind, verified, ports=(srv.port,))  # ssl=True: the default, verified
     run(kind, trusted, ports=(srv.port,), ssl=tls.client_ctx)
     run(kind, trusted, ports=(srv.port,), ssl=False)
+
+
+# --------------------------------------------------------------------------- construction
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("kw", [{"ssl": "yes"}, {"limit": 0}, {"limit_per_host": -1}])
+def test_bad_arguments_are_input_errors(impl: str, kw: dict[str, Any]) -> None:
+    with pytest.raises(InputError):
+        IMPLS[impl](**kw)
+
+
+def test_native_is_bound_to_its_first_loop(raw: Any) -> None:
+    srv = raw(keepalive(lambda req: answer(200, b"ok")))
+    t = NativeTransport()
+    assert asyncio.run(fetch(t, post(srv.url)))[1] == b"ok"
+    with pytest.raises(RuntimeError, match="bound to the event loop"):
+        asyncio.run(t.send(post(srv.url)))

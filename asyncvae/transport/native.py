@@ -757,6 +757,8 @@ class NativeTransport(Transport):
             raise InputError(f"limit must be >= 1, got {limit}")
         if limit_per_host < 0:
             raise InputError(f"limit_per_host must be >= 0, got {limit_per_host}")
+        if not isinstance(ssl, (bool, ssl_mod.SSLContext)):
+            raise InputError(f"ssl must be True, False or an ssl.SSLContext, got {ssl!r}")
         self._limit = limit
         self._limit_per_host = limit_per_host or limit
         self._keepalive = keepalive_timeout
@@ -804,6 +806,8 @@ class NativeTransport(Transport):
         loop = self._loop
         if loop is None:
             loop = self._bind()
+        elif loop is not asyncio.get_running_loop():
+            raise RuntimeError("a NativeTransport is bound to the event loop it was first used on")
         if self._closed:
             raise TransportError("the transport is closed", retryable=False)
         method = request.method
@@ -888,10 +892,8 @@ class NativeTransport(Transport):
             ctx.check_hostname = False
             ctx.verify_mode = ssl_mod.CERT_NONE
             self._ssl_ctx = ctx
-        elif isinstance(self._ssl_arg, ssl_mod.SSLContext):
-            self._ssl_ctx = self._ssl_arg
         else:
-            raise InputError(f"ssl must be True, False or an ssl.SSLContext, got {self._ssl_arg!r}")
+            self._ssl_ctx = self._ssl_arg
         return self._loop
 
     def _head_entry(
