@@ -395,9 +395,9 @@ def test_output_over_max_output_pixels_is_413(make_server: Any) -> None:
 
 
 def test_mp4_without_av_is_400(server: LocalServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    from asyncvae.server import app
+    from asyncvae.server import codec
 
-    monkeypatch.setattr(app, "_mp4_available", lambda: False)
+    monkeypatch.setattr(codec, "mp4_available", lambda: False)
     r = post_decode(server.url, torch.zeros(1, 16, 2, 2, 2), "mp4")
     assert r.status_code == 400
     assert r.json() == {"error": "mp4 output needs the 'av' package: pip install asyncvae[video]"}
@@ -561,7 +561,8 @@ def test_chunked_responses(make_server: Any) -> None:
     torch.testing.assert_close(t, BuiltinVAE().decode(torch.zeros(1, 4, 32, 32)))
 
 
-def test_set_faults_over_http(server: LocalServer) -> None:
+def test_set_faults_over_http(make_server: Any) -> None:
+    server = make_server(admin=True)
     r = requests.post(server.url + "faults", json={"fault_503": 1.0}, timeout=5)
     assert r.status_code == 200 and r.json()["fault_503"] == 1.0
     assert post_decode(server.url, torch.zeros(1, 4, 2, 2)).status_code == 503
