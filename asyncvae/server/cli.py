@@ -234,40 +234,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "when any fault flag is given; off otherwise)",
     )
     f = p.add_argument_group(
-        "fault injection (probabilities per request, drawn after the body is read)"
+        "fault injection (probabilities per request, drawn after the body is read; any of "
+        "these flags, even at 0, also turns on the admin routes)"
     )
     f.add_argument(
         "--fault-503",
         type=_probability,
-        default=0.0,
+        default=None,
         metavar="P",
         help='answer 503 {"error": "503 Service Unavailable"} (a replica starting)',
     )
     f.add_argument(
         "--fault-429",
         type=_probability,
-        default=0.0,
+        default=None,
         metavar="P",
         help="answer 429 with a Retry-After header and a JSON error (rate limiting)",
     )
     f.add_argument(
         "--retry-after",
         type=_nonneg,
-        default=1.0,
+        default=None,
         metavar="S",
         help="seconds in the Retry-After header of injected 429s (default: 1)",
     )
     f.add_argument(
         "--fault-reset",
         type=_probability,
-        default=0.0,
+        default=None,
         metavar="P",
         help="send the headers and half the body, then abort the connection",
     )
     f.add_argument(
         "--fault-truncate",
         type=_probability,
-        default=0.0,
+        default=None,
         metavar="P",
         help="declare the full Content-Length, send about half the body, then close",
     )
@@ -281,14 +282,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument(
         "--fault-bad-headers",
         type=_probability,
-        default=0.0,
+        default=None,
         metavar="P",
         help="tensor answers get a wrong shape, a missing dtype or a non-JSON shape header",
     )
     f.add_argument(
         "--fault-502-html",
         type=_probability,
-        default=0.0,
+        default=None,
         metavar="P",
         help="answer 502 with an HTML body (text/html), like a gateway",
     )
@@ -300,6 +301,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument(
         "--seed", type=int, default=0, metavar="N", help="seed of the fault RNG (default: 0)"
     )
+
+
+#: Fault options whose presence on the command line turns on the admin routes.
+FAULT_FLAGS = (
+    "fault_503",
+    "fault_429",
+    "retry_after",
+    "fault_reset",
+    "fault_truncate",
+    "fault_bad_headers",
+    "fault_502_html",
+)
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -324,17 +337,25 @@ def _token(args: argparse.Namespace) -> str | None:
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """A :class:`ServerConfig` from parsed ``serve`` options."""
     stall_p, stall_s = args.fault_stall or (0.0, 0.0)
+    given = [getattr(args, name) for name in FAULT_FLAGS]
+    faults_given = any(v is not None for v in given) or args.fault_stall is not None or args.chunked
+    d = Faults()
+
+    def fault(name: str) -> float:
+        v = getattr(args, name)
+        return float(getattr(d, name) if v is None else v)
+
     try:
         faults = Faults(
-            fault_503=args.fault_503,
-            fault_429=args.fault_429,
-            retry_after=args.retry_after,
-            fault_reset=args.fault_reset,
-            fault_truncate=args.fault_truncate,
+            fault_503=fault("fault_503"),
+            fault_429=fault("fault_429"),
+            retry_after=fault("retry_after"),
+            fault_reset=fault("fault_reset"),
+            fault_truncate=fault("fault_truncate"),
             fault_stall=stall_p,
             stall_seconds=stall_s,
-            fault_bad_headers=args.fault_bad_headers,
-            fault_502_html=args.fault_502_html,
+            fault_bad_headers=fault("fault_bad_headers"),
+            fault_502_html=fault("fault_502_html"),
             chunked=args.chunked,
         )
         return ServerConfig(
@@ -359,7 +380,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_queue=args.max_queue,
             busy_retry_after=args.busy_retry_after,
             token=_token(args),
-            admin=True if args.admin else None,
+            admin=True if args.admin or faults_given else None,
             drain_timeout=args.drain_timeout,
             access_log=args.access_log,
             reuse_port=args.reuse_port,

@@ -9,7 +9,7 @@ the chosen device and dtype, and adapt it to :class:`~asyncvae.server.model.VAEM
   diffusers has). A model with 3-D convolutions is a *video* VAE: it decodes 5-D
   latents ``[B,C,T,h,w]`` itself; 4-D latents (and 4-D images to encode) go through it
   as one frame. A 2-D model decodes 5-D latents frame by frame (``F = T``).
-- After loading, one tiny decode (a 4x4 latent; for video 1 and 2 latent frames)
+- After loading, one tiny decode (a 4x4 latent; for video 1 and 3 latent frames)
   measures the spatial and temporal factors instead of trusting per-class attribute
   names, and proves the class works with this adapter: a class that doesn't is refused
   at start-up with a one-line error that names it.
@@ -264,11 +264,11 @@ class DiffusersVAE(VAEModel):
         s = PROBE_SIZE
         shape = [1, self.latent_channels, s, s]
         try:
-            if self.video:
+            if self.video:  # 1 and 3 latent frames: some VAEs treat even counts specially
                 one = self._decode_raw(torch.zeros(1, self.latent_channels, 1, s, s))
-                shape = [1, self.latent_channels, 2, s, s]
-                two = self._decode_raw(torch.zeros(*shape))
-                self.temporal_factor = max(1, int(two.shape[2]) - int(one.shape[2]))
+                shape = [1, self.latent_channels, 3, s, s]
+                three = self._decode_raw(torch.zeros(*shape))
+                self.temporal_factor = max(1, (int(three.shape[2]) - int(one.shape[2])) // 2)
                 self._first_frames = int(one.shape[2])
                 side = int(one.shape[-1])
             else:

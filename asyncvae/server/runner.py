@@ -110,6 +110,14 @@ async def start_server(config: ServerConfig | None = None, model: ModelSpec = No
     return RunningServer(runner, config.host, port)
 
 
+def _say(line: str, stream: Any = None) -> None:
+    """Write one whole line in one call (a model loading on another thread may log to
+    the same pipe; ``print`` writes the text and the newline separately)."""
+    stream = stream or sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
+
+
 def _log_access_to_stderr() -> None:
     if not access_log.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -135,35 +143,32 @@ async def serve(config: ServerConfig, model: ModelSpec = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, on_signal)
-    print(f"{LISTENING_PREFIX}{server.url}", flush=True)
+    _say(f"{LISTENING_PREFIX}{server.url}")
     loaded = asyncio.create_task(state.wait_loaded())
     stopped = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait({loaded, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if loaded.done():
             if not loaded.result():
-                print(f"asyncvae serve: error: {state.load_error}", file=sys.stderr, flush=True)
+                _say(f"asyncvae serve: error: {state.load_error}", sys.stderr)
                 return 1
             if state.load_seconds is not None and state.model is not None:
-                print(
+                _say(
                     f"asyncvae serve: model ready: {state.model.name}, loaded in "
-                    f"{state.load_seconds:.1f} s",
-                    flush=True,
+                    f"{state.load_seconds:.1f} s"
                 )
         await stopped
         busy = state.stats.in_flight
-        print(
+        _say(
             f"asyncvae serve: shutting down: {busy} request(s) in flight, draining for up to "
             f"{config.drain_timeout:g} s (signal again to stop now)",
-            file=sys.stderr,
-            flush=True,
+            sys.stderr,
         )
         left = await server.drain(config.drain_timeout, force)
         if left:
-            print(
+            _say(
                 f"asyncvae serve: {left} request(s) still running at the drain deadline were cancelled",
-                file=sys.stderr,
-                flush=True,
+                sys.stderr,
             )
         return 0
     finally:

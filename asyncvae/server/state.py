@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import random
 import threading
 import time
@@ -25,8 +26,9 @@ __all__ = ["ModelSpec", "ServerState", "Stats", "Ticket"]
 
 log = logging.getLogger("asyncvae.server")
 
-#: A model, or a function that loads one (run on a thread after the server binds).
-ModelSpec = VAEModel | Callable[[], VAEModel] | None
+#: A model, a function that loads one, or a path (``"builtin"``, a diffusers folder);
+#: functions and folders are loaded on a thread after the server binds.
+ModelSpec = VAEModel | Callable[[], VAEModel] | str | os.PathLike[str] | None
 
 
 class Stats:
@@ -118,28 +120,30 @@ class ServerState:
     thread pool, stats, metrics, faults (swappable at runtime from any thread) and the
     response cache.
 
-    ``model`` is a :class:`VAEModel` (ready at once), a function returning one, or None
-    (``config.model``: the built-in model at once, else a diffusers folder); a function
-    or a folder is loaded on a thread once the server runs (:meth:`start`), and until it
-    is loaded the server answers 503 with ``Retry-After``.
+    ``model`` is a :class:`VAEModel` (ready at once), a function returning one, a path,
+    or None for ``config.model`` (``"builtin"``: the built-in model at once; a diffusers
+    folder, loaded with the config's device/dtype/tiling/slicing). A function or a folder
+    is loaded on a thread once the server runs (:meth:`start`); until it is loaded the
+    server answers 503 with ``Retry-After``.
     """
 
     def __init__(self, config: ServerConfig, model: ModelSpec = None) -> None:
         self.config = config
         self.model: VAEModel | None = None
         self._loader: Callable[[], VAEModel] | None = None
+        spec = str(model) if isinstance(model, (str, os.PathLike)) else config.model
         if isinstance(model, VAEModel):
             self.model = model
-        elif model is not None:
+        elif callable(model):
             self._loader = model
-        elif config.model == "builtin":
+        elif spec == "builtin":
             self.model = BuiltinVAE(config.latent_channels)
         else:
             from .diffusers_model import load_model
 
             self._loader = functools.partial(
                 load_model,
-                config.model,
+                spec,
                 config.latent_channels,
                 device=config.device,
                 dtype=config.dtype,
