@@ -94,6 +94,9 @@ class VAEModel:
     video: bool = False
     #: False when calls must not overlap (the server then takes a lock around them).
     thread_safe: bool = True
+    #: torch intra-op threads on a replica thread while it runs this model (None: torch's
+    #: default). Tiny ops gain nothing from threads and lose a lot to their spinning.
+    intra_op_threads: int | None = None
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``[B,3,H,W]`` float32 in [-1, 1] → latents ``[B,C,H/f,W/f]`` float32."""
@@ -163,6 +166,7 @@ class BuiltinVAE(VAEModel):
     """
 
     name = "builtin"
+    intra_op_threads = 1
 
     def __init__(
         self, latent_channels: int = 4, scaling_factor: float = 0.18215, shift_factor: float = 0.0

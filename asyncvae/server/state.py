@@ -16,6 +16,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import torch
+
 from .batching import Batcher, execute
 from .codec import HTTPFail, Job, Result
 from .config import FAULT_KINDS, Faults, ServerConfig
@@ -273,6 +275,10 @@ class ServerState:
         return await self.batcher.submit(job, ticket.start if ticket is not None else None)
 
     def _execute(self, model: VAEModel, jobs: list[Job]) -> Any:
+        """One batch on the calling replica thread (per-thread torch settings apply)."""
+        n = model.intra_op_threads
+        if n is not None and torch.get_num_threads() != n:
+            torch.set_num_threads(n)  # OpenMP: this thread only
         if model.thread_safe:
             return execute(model, jobs)
         with self._model_lock:
