@@ -440,7 +440,8 @@ async def test_drain_gives_up_after_its_timeout() -> None:
 
 
 async def test_sigterm_drains_50_requests_in_flight(serve_subprocess: Any) -> None:
-    sp = serve_subprocess("--delay-ms", "150", "--replicas", "4", "--drain-timeout", "120")
+    # 10 rounds of 400 ms: longer than aiohttp's own short close, so only the drain saves them
+    sp = serve_subprocess("--delay-ms", "400", "--replicas", "5", "--drain-timeout", "120")
     zs = [torch.randn(1, 4, 8, 8, dtype=torch.float16) for _ in range(50)]
     sending = asyncio.create_task(post_many(sp.url, zs))
 
