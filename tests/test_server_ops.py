@@ -323,6 +323,15 @@ async def test_token_required_everywhere_but_the_probes(make_server: Any) -> Non
     assert srv.stats()["responses"]["401"] == 7
 
 
+def test_open_server_beyond_loopback_warns() -> None:
+    from asyncvae.server.cli import open_server_warning
+
+    assert open_server_warning(ServerConfig(host="127.0.0.1")) is None
+    assert open_server_warning(ServerConfig(host="0.0.0.0", token=TOKEN)) is None
+    msg = open_server_warning(ServerConfig(host="0.0.0.0"))
+    assert msg is not None and "without a token" in msg and "ASYNCVAE_SERVE_TOKEN" in msg
+
+
 def test_admin_routes_need_admin_or_faults(make_server: Any) -> None:
     plain = make_server()
     for route, body in (("faults", {"fault_503": 1.0}), ("stats/reset", None)):

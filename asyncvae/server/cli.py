@@ -411,10 +411,17 @@ def main(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     model = check_model(config)
-    if config.token is None and config.host not in ("127.0.0.1", "localhost", "::1"):
-        print(
-            f"asyncvae serve: warning: listening on {config.host} without a token: anyone who "
-            f"can reach this port can use it (set ${TOKEN_ENV} or --token-file)",
-            file=sys.stderr,
-        )
+    warning = open_server_warning(config)
+    if warning:
+        print(f"asyncvae serve: warning: {warning}", file=sys.stderr)
     return run_server(config, model)
+
+
+def open_server_warning(config: ServerConfig) -> str | None:
+    """A warning when the server listens beyond loopback without a token."""
+    if config.token is None and config.host not in ("127.0.0.1", "localhost", "::1"):
+        return (
+            f"listening on {config.host} without a token: anyone who can reach this port can "
+            f"use it (set ${TOKEN_ENV} or --token-file)"
+        )
+    return None

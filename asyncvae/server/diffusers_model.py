@@ -255,7 +255,10 @@ class DiffusersVAE(VAEModel):
         )
         self.thread_safe = source.class_name in THREAD_SAFE_CLASSES
         where = f"{self.device}, {str(self.torch_dtype).rsplit('.', 1)[-1]}"
-        self.name = f"diffusers:{source.class_name}:{source.folder.name} ({where})"
+        label = source.folder.name
+        if label == "vae":  # a pipeline root: name the pipeline
+            label = f"{source.folder.parent.name}/vae"
+        self.name = f"diffusers:{source.class_name}:{label} ({where})"
         self._probe()
 
     # ---- load-time checks
