@@ -46,10 +46,10 @@ class Server:
     """``python -m asyncvae serve`` in its own process on an ephemeral port."""
 
     def __init__(self, args: list[str]) -> None:
-        env = {**os.environ, "PYTHONPATH": os.environ.get("SERVER_ROOT", ROOT), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "asyncvae", "serve", "--port", "0", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=os.environ.get("SERVER_ROOT", ROOT),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
         )
         assert self.proc.stdout is not None
         for line in self.proc.stdout:

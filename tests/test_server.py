@@ -639,5 +639,18 @@ def test_serve_help_lists_flags() -> None:
         "--host", "--port", "--model", "--replicas", "--latent-channels", "--cache", "--delay-ms",
         "--delay-per-item-ms", "--fault-503", "--fault-429", "--retry-after", "--fault-reset",
         "--fault-truncate", "--fault-stall", "--fault-bad-headers", "--fault-502-html", "--chunked", "--seed",
+        "--device", "--dtype", "--tiling", "--slicing", "--max-batch", "--batch-wait-ms", "--max-queue",
+        "--busy-retry-after", "--token", "--token-file", "--admin", "--drain-timeout", "--access-log",
+        "--reuse-port", "--max-body-bytes", "--max-output-pixels",
     ):
         assert flag in text
+    cfg = cli.config_from_args(parser.parse_args(
+        ["serve", "--max-batch", "8", "--batch-wait-ms", "5", "--max-queue", "0", "--dtype", "bf16",
+         "--device", "cuda:1", "--admin", "--drain-timeout", "3", "--token", "t0k"]))
+    assert (cfg.max_batch, cfg.batch_wait_ms, cfg.max_queue, cfg.dtype, cfg.device) == (8, 5, 0, "bf16", "cuda:1")
+    assert cfg.admin_enabled and cfg.drain_timeout == 3 and cfg.token == "t0k" and "t0k" not in repr(cfg)
+    assert not cli.config_from_args(parser.parse_args(["serve"])).admin_enabled
+    assert cli.config_from_args(parser.parse_args(["serve", "--fault-503", "0"])).admin_enabled
+    for bad in (["--max-batch", "0"], ["--device", "gpu"], ["--dtype", "fp8"], ["--replicas", "0"]):
+        with pytest.raises((SystemExit, InputError)):
+            cli.config_from_args(parser.parse_args(["serve", *bad]))
