@@ -148,7 +148,7 @@ def _refuse_unready(state: ServerState) -> None:
         raise HTTPFail(
             503,
             "503 Service Unavailable: this server is shutting down; retry (another replica)",
-            {**retry, "Connection": "close"},
+            retry,
         )
     if state.model is None:
         if state.load_error is not None:

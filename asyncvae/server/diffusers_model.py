@@ -124,7 +124,7 @@ def _diffusers() -> Any:
     return diffusers
 
 
-def model_class(source: ModelSource) -> type:
+def model_class(source: ModelSource) -> Any:
     """The diffusers class ``source`` names (raises :class:`InputError` if it isn't one)."""
     diffusers = _diffusers()
     cls = getattr(diffusers, source.class_name, None)
