@@ -252,3 +252,34 @@ def test_cli_serves_a_real_vae_after_loading(serve_subprocess: Any, saved: dict[
         torch.testing.assert_close(got, vae.decode(z).sample.clamp(-1, 1), atol=1e-4, rtol=1e-4)
     assert any("model ready: diffusers:AutoencoderTiny" in line for line in sp.output)
     assert sp.terminate() == 0
+
+
+def test_diffusers_and_asyncvae_clients_against_a_real_vae(saved: dict[str, Path], make_server: Any) -> None:
+    """diffusers' own remote_decode/remote_encode and ours, against a served AutoencoderKL
+    with batching on, get what the model computes locally."""
+    from diffusers.utils.remote_utils import remote_decode as d_decode
+    from diffusers.utils.remote_utils import remote_encode as d_encode
+    from PIL import Image
+
+    import asyncvae
+
+    folder = saved["AutoencoderKL"]
+    vae = local("AutoencoderKL", folder)
+    srv = make_server(model=DiffusersVAE(folder, device="cpu", dtype="fp32"), max_batch=4)
+    z = torch.randn(1, 4, 8, 8)
+    opts: dict[str, Any] = dict(output_type="pt", partial_postprocess=True, return_type="pt", scaling_factor=0.5)
+    theirs = d_decode(srv.url, z, **opts)
+    ours = asyncvae.remote_decode(srv.url, z, **opts)
+    with torch.inference_mode():
+        ref = vae.decode(z / 0.5).sample.clamp(-1, 1)
+    ref_u8 = ((ref / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert torch.equal(theirs, ours)
+    assert (theirs.int() - ref_u8.int()).abs().max() <= 1
+    image = Image.fromarray(ref_u8[0].numpy())
+    with torch.inference_mode():
+        x = torch.from_numpy(ref_u8[0].numpy().copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+        ref_z = vae_latent(vae.encode(x)) * 0.5
+    got_theirs = d_encode(srv.url, image, scaling_factor=0.5)
+    got_ours = asyncvae.remote_encode(srv.url, image, scaling_factor=0.5)
+    torch.testing.assert_close(got_theirs.float(), ref_z, atol=2e-3, rtol=1e-2)  # float16 on the wire
+    torch.testing.assert_close(got_ours.float(), ref_z, atol=2e-3, rtol=1e-2)
