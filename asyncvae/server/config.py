@@ -153,6 +153,9 @@ class ServerConfig:
     admin: bool | None = None
     #: Seconds a graceful shutdown (SIGTERM) waits for requests in flight.
     drain_timeout: float = 30.0
+    #: Seconds a plain close (``LocalServer.stop()``, or after a drain) waits for handlers
+    #: before cancelling them.
+    shutdown_timeout: float = 1.0
     #: Log one line per request (``asyncvae.access`` logger) when True.
     access_log: bool = False
     #: Bind with SO_REUSEPORT so several processes share the port (one per GPU).
@@ -169,8 +172,8 @@ class ServerConfig:
             raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0 (0 = unbounded), got {self.max_queue}")
-        if self.busy_retry_after < 0 or self.drain_timeout < 0:
-            raise ValueError("busy_retry_after and drain_timeout must be >= 0")
+        if self.busy_retry_after < 0 or self.drain_timeout < 0 or self.shutdown_timeout < 0:
+            raise ValueError("busy_retry_after, drain_timeout and shutdown_timeout must be >= 0")
         if self.token is not None and not self.token.strip():
             raise ValueError("token must not be empty; leave it unset for an open server")
         check_device(self.device)

@@ -30,8 +30,6 @@ __all__ = ["LocalServer", "RunningServer", "run_server", "start_server"]
 LISTENING_PREFIX = "asyncvae serve: listening on "
 #: aiohttp access log line: peer, time, request line, status, bytes, seconds.
 ACCESS_LOG_FORMAT = '%a %t "%r" %s %b %Tfs'
-#: Seconds aiohttp waits for handlers when closing (after a drain, or a plain close).
-CLOSE_TIMEOUT = 1.0
 access_log = logging.getLogger("asyncvae.access")
 
 
@@ -92,7 +90,7 @@ async def start_server(config: ServerConfig | None = None, model: ModelSpec = No
         app,
         access_log=access_log if config.access_log else None,
         access_log_format=ACCESS_LOG_FORMAT,
-        shutdown_timeout=CLOSE_TIMEOUT,
+        shutdown_timeout=config.shutdown_timeout,
     )
     await runner.setup()
     site = web.TCPSite(
