@@ -285,6 +285,19 @@ def test_histogram_merge_is_exact():
     assert merged.latency.get_mean_value() == whole.get_mean_value()
 
 
+@given(st.lists(st.integers(1, 3_600_000_000), min_size=1, max_size=200))
+@settings(max_examples=60, deadline=None)
+def test_fast_record_is_record_value(values):
+    from asyncvae.loadtest.hist import record
+
+    a, b = new_histogram(), new_histogram()
+    for v in values:
+        a.record_value(v)
+        record(b, v)
+    assert list(a.counts) == list(b.counts)
+    assert (a.total_count, a.min_value, a.max_value) == (b.total_count, b.min_value, b.max_value)
+
+
 def test_recorder_merge_of_simulated_workers_matches_sums():
     reports = [simulate(QueueEndpoint(0.005), rate=20, duration=1.0) for _ in range(3)]
     merged = Recorder.merge(r.recorder for r in reports)

@@ -287,7 +287,7 @@ async def drive_open(
             rec.in_flight += 1
             if rec.in_flight > rec.peak_in_flight:
                 rec.peak_in_flight = rec.in_flight
-            t = asyncio.ensure_future(drv.one(due, sent, measured, plan))
+            t = loop.create_task(drv.one(due, sent, measured, plan))
             tasks.add(t)
             t.add_done_callback(finished)
 

@@ -21,6 +21,7 @@ __all__ = [
     "encode_histogram",
     "new_histogram",
     "percentile",
+    "record",
     "summarize",
     "write_hgrm",
     "write_hlog",
@@ -48,6 +49,21 @@ def reset_histogram(h: HdrHistogram) -> HdrHistogram:
     h.min_value = sys.maxsize
     h.max_value = 0
     return h
+
+
+def record(h: HdrHistogram, value: int) -> None:
+    """``h.record_value(value)`` for ``1 <= value <= highest trackable`` (what
+    :func:`to_us` returns), about three times faster: the generator records seven
+    values per request."""
+    m = h.unit_magnitude
+    half = h.sub_bucket_half_count_magnitude
+    bucket = (value | h.sub_bucket_mask).bit_length() - m - half - 1
+    h.counts[((bucket + 1) << half) + (value >> (bucket + m)) - h.sub_bucket_half_count] += 1
+    h.total_count += 1
+    if value < h.min_value:
+        h.min_value = value
+    if value > h.max_value:
+        h.max_value = value
 
 
 def to_us(seconds: float) -> int:

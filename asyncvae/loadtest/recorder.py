@@ -30,12 +30,14 @@ from .hist import (
     encode_histogram,
     new_histogram,
     percentile,
+    record,
     reset_histogram,
     to_us,
 )
 
 __all__ = ["ClosedInterval", "Recorder"]
 
+_STATUS = {code: str(code) for code in range(100, 600)}
 #: Error kinds whose requests got no answer and so enter ``latency`` as a lower bound.
 CENSORED_KINDS = frozenset({"timeout", "unfinished"})
 
@@ -227,7 +229,7 @@ class Recorder:
             return
         self.sent += 1
         lag = sent_rel - due_rel
-        self.lag.record_value(to_us(lag) if lag > 0 else 1)
+        record(self.lag, to_us(lag) if lag > 0 else 1)
         if lag > self.late_threshold:
             self.late += 1
             if capped:
@@ -250,7 +252,8 @@ class Recorder:
         if measured:
             self.attempts += 1
             if status is not None:
-                self.statuses[str(status)] += 1
+                key = _STATUS.get(status) or str(status)
+                self.statuses[key] = self.statuses.get(key, 0) + 1
             if body_sent:
                 self.bytes_out += nbytes_out
 
@@ -271,22 +274,22 @@ class Recorder:
         self.bytes_in += nbytes_in
         v = to_us(done_rel - due_rel)
         s = to_us(done_rel - sent_rel)
-        self.latency.record_value(v)
-        self.service.record_value(s)
-        self.ttfb.record_value(to_us(first_byte_rel - due_rel))
-        self.live.record_value(v)
+        record(self.latency, v)
+        record(self.service, s)
+        record(self.ttfb, to_us(first_byte_rel - due_rel))
+        record(self.live, v)
         if self.first_ok is None or done_rel < self.first_ok:
             self.first_ok = done_rel
         self._done(done_rel)
         i, iv = self._iv(due_rel)
         iv.ok += 1
         iv.answered += 1
-        iv.latency.record_value(v)
-        iv.service.record_value(s)
+        record(iv.latency, v)
+        record(iv.service, s)
         if self.mix:
             m = self.mix[label]
             m.ok += 1
-            m.latency.record_value(v)
+            record(m.latency, v)
         self._resolve(i, iv)
 
     def on_error(self, kind: str, due_rel: float, done_rel: float, measured: bool, answered: bool,
@@ -298,7 +301,7 @@ class Recorder:
         self.failed += 1
         self.errors[kind] += 1
         v = to_us(done_rel - due_rel)
-        self.error_latency.record_value(v)
+        record(self.error_latency, v)
         self._done(done_rel)
         i, iv = self._iv(due_rel)
         iv.errors += 1
@@ -307,8 +310,8 @@ class Recorder:
             iv.answered += 1
         if kind in CENSORED_KINDS:
             self.censored += 1
-            self.latency.record_value(v)
-            iv.latency.record_value(v)
+            record(self.latency, v)
+            record(iv.latency, v)
         if self.mix:
             self.mix[label].failed += 1
         self._resolve(i, iv)
@@ -323,10 +326,10 @@ class Recorder:
         self.censored += 1
         self.errors["unfinished"] += 1
         v = to_us(now_rel - due_rel)
-        self.latency.record_value(v)
+        record(self.latency, v)
         i, iv = self._iv(due_rel)
         iv.errors += 1
-        iv.latency.record_value(v)
+        record(iv.latency, v)
         if self.mix:
             self.mix[label].failed += 1
         self._resolve(i, iv)
