@@ -298,6 +298,19 @@ def test_fast_record_is_record_value(values):
     assert (a.total_count, a.min_value, a.max_value) == (b.total_count, b.min_value, b.max_value)
 
 
+@given(st.lists(st.floats(-1.0, 4000.0, allow_nan=False), min_size=1, max_size=300))
+@settings(max_examples=60, deadline=None)
+def test_bulk_record_of_seconds_is_record_value(seconds):
+    from asyncvae.loadtest.hist import record_seconds
+
+    a, b = new_histogram(), new_histogram()
+    for s in seconds:
+        a.record_value(min(max(1, round(s * 1e6)), 3_600_000_000))
+    record_seconds(b, seconds)
+    assert list(a.counts) == list(b.counts)
+    assert (a.total_count, a.min_value, a.max_value) == (b.total_count, b.min_value, b.max_value)
+
+
 def test_recorder_merge_of_simulated_workers_matches_sums():
     reports = [simulate(QueueEndpoint(0.005), rate=20, duration=1.0) for _ in range(3)]
     merged = Recorder.merge(r.recorder for r in reports)
@@ -461,3 +474,14 @@ def test_latent_file(tmp_path):
         assert plan.expect_shape == (1, 64, 64, 3)
     with pytest.raises(InputError):
         build_request(LoadSpec(URL, rate=1, duration=1, latent=str(tmp_path / "missing.pt")))
+
+
+def test_plot_has_corrected_uncorrected_and_counts(tmp_path):
+    pytest.importorskip("matplotlib")
+    from asyncvae.loadtest.plot import write_plot
+
+    ep = QueueEndpoint(0.010)
+    ep.stall(1.0, 0.5)
+    rep = simulate(ep, rate=50, duration=3.0, interval=0.5)
+    write_plot(rep, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

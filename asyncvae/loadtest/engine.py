@@ -133,7 +133,9 @@ def status_of(e: BaseException) -> int | None:
 
 
 class _Driver:
-    """Sends one request with its retries and records every outcome."""
+    """Sends one request with its retries and records every outcome. Open-loop
+    requests run as tasks registered in ``tasks`` (by key) until they end; whoever
+    waits for a free in-flight slot sets ``waiting`` and waits on ``room``."""
 
     def __init__(self, send: Sender, rec: Recorder, clock: Clock, retry: Retry | None, rng: random.Random):
         self.send = send
@@ -141,17 +143,21 @@ class _Driver:
         self.clock = clock
         self.retry = retry
         self.rng = rng
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.room = asyncio.Event()
+        self.waiting = False
 
-    async def one(self, due: float, sent: float, measured: bool, plan: RequestPlan) -> None:
+    async def one(self, due: float, sent: float, measured: bool, plan: RequestPlan, key: int = -1) -> None:
         """Send ``plan`` (due at ``due``, sent at ``sent``), retry per the policy, record;
         ``in_flight`` was already counted."""
-        rec, clock, o = self.rec, self.clock, self.rec.origin
+        rec, o = self.rec, self.rec.origin
+        now_ = self.clock.now
         due_rel = due - o
         state: RetryState | None = None
         label = plan.label
         try:
             while True:
-                t_att = clock.now()
+                t_att = now_()
                 try:
                     ans = await self.send(plan)
                 except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
@@ -163,28 +169,32 @@ class _Driver:
                     if self.retry is not None:
                         state = state or RetryState()
                         state.attempts += 1
-                        wait = next_retry(self.retry, e, state, clock.now(), self.rng)
+                        wait = next_retry(self.retry, e, state, now_(), self.rng)
                         if wait is not None:
                             rec.on_retry(kind, measured)
-                            await clock.sleep(wait)
+                            await self.clock.sleep(wait)
                             continue
-                    rec.on_error(kind, due_rel, clock.now() - o, measured, status is not None, label)
+                    rec.on_error(kind, due_rel, now_() - o, measured, status is not None, label)
                     return
-                now = clock.now()
+                now = now_()
                 rec.on_attempt(ans.status, True, plan.nbytes, measured)
                 rec.on_ok(due_rel, sent - o, t_att + ans.ttfb - o, now - o, ans.bytes_in, measured, label)
                 return
         except asyncio.CancelledError:
-            rec.on_unfinished(due_rel, clock.now() - o, measured, label)
+            rec.on_unfinished(due_rel, now_() - o, measured, label)
             raise
         finally:
             rec.in_flight -= 1
+            if key >= 0:
+                self.tasks.pop(key, None)
+                if self.waiting:
+                    self.room.set()
 
 
-async def _drain(tasks: set[asyncio.Task[None]], timeout: float | None) -> None:
+async def _drain(tasks: dict[int, asyncio.Task[None]], timeout: float | None) -> None:
     if not tasks:
         return
-    _, pending = await asyncio.wait(set(tasks), timeout=timeout)
+    _, pending = await asyncio.wait(list(tasks.values()), timeout=timeout)
     for t in pending:
         t.cancel()
     if pending:
@@ -248,14 +258,9 @@ async def drive_open(
     rec.origin_epoch = _wall_epoch(clock, start)
     drv = _Driver(send, rec, clock, retry, rng or random.Random(0))
     mixer = Mixer(plans)
-    tasks: set[asyncio.Task[None]] = set()
-    room = asyncio.Event()
+    tasks = drv.tasks
     loop = asyncio.get_running_loop()
     timer: list[asyncio.TimerHandle] = []
-
-    def finished(t: asyncio.Task[None]) -> None:
-        tasks.discard(t)
-        room.set()
 
     def window_end_at(end_rel: float) -> None:
         delay = start + end_rel - clock.now()
@@ -270,26 +275,26 @@ async def drive_open(
         window_end_at(end_rel)
 
     async def feed() -> None:
-        for offset, measured in arrivals:
+        now, sleep, one, create_task = clock.now, clock.sleep, drv.one, loop.create_task
+        for key, (offset, measured) in enumerate(arrivals, 1):
             due = start + offset
             rec.on_schedule(offset, measured)
-            delay = due - clock.now()
+            delay = due - now()
             if delay > 0:
-                await clock.sleep(delay)
+                await sleep(delay)
             capped = False
             while rec.in_flight >= max_inflight:
-                capped = True
-                room.clear()
-                await room.wait()
+                capped = drv.waiting = True
+                drv.room.clear()
+                await drv.room.wait()
+                drv.waiting = False
             plan = mixer.next()
-            sent = clock.now()
+            sent = now()
             rec.on_send(offset, sent - start, measured, capped, plan.label)
             rec.in_flight += 1
             if rec.in_flight > rec.peak_in_flight:
                 rec.peak_in_flight = rec.in_flight
-            t = loop.create_task(drv.one(due, sent, measured, plan))
-            tasks.add(t)
-            t.add_done_callback(finished)
+            tasks[key] = create_task(one(due, sent, measured, plan, key))
 
     try:
         stopped = await _run_until_stopped(feed(), stop)
@@ -319,7 +324,7 @@ def _interrupted(rec: Recorder, now_rel: float) -> None:
     rec.on_window_end()
 
 
-async def _drain_or_stop(tasks: set[asyncio.Task[None]], timeout: float | None, stop: asyncio.Event | None,
+async def _drain_or_stop(tasks: dict[int, asyncio.Task[None]], timeout: float | None, stop: asyncio.Event | None,
                          rec: Recorder, clock: Clock) -> None:
     """Wait for the answers in flight (up to ``timeout``); a stop cuts that to
     :data:`INTERRUPT_DRAIN` seconds."""

@@ -22,6 +22,7 @@ __all__ = [
     "new_histogram",
     "percentile",
     "record",
+    "record_seconds",
     "summarize",
     "write_hgrm",
     "write_hlog",
@@ -66,9 +67,33 @@ def record(h: HdrHistogram, value: int) -> None:
         h.max_value = value
 
 
+_HIGHEST = HIST_ARGS[1]
+
+
+def record_seconds(h: HdrHistogram, seconds: list[float]) -> None:
+    """Record many durations given in seconds at once (rounded to µs, clamped to the
+    histogram's 1 µs – 1 h), vectorised: the generator keeps a list per histogram and
+    records it in bulk, a fraction of a µs per value instead of µs."""
+    if not seconds:
+        return
+    v = np.rint(np.asarray(seconds, dtype=np.float64) * 1e6).astype(np.int64)
+    np.clip(v, 1, _HIGHEST, out=v)
+    m, half = h.unit_magnitude, h.sub_bucket_half_count_magnitude
+    bucket = np.frexp((v | h.sub_bucket_mask).astype(np.float64))[1].astype(np.int64) - (m + half + 1)
+    idx = ((bucket + 1) << half) + (v >> (bucket + m)) - h.sub_bucket_half_count
+    np.add.at(_counts(h), idx, 1)
+    h.total_count += len(v)
+    lo, hi = int(v.min()), int(v.max())
+    if lo < h.min_value:
+        h.min_value = lo
+    if hi > h.max_value:
+        h.max_value = hi
+
+
 def to_us(seconds: float) -> int:
     """Seconds → whole microseconds within the histogram's range."""
-    return min(max(1, round(seconds * US)), HIST_ARGS[1])
+    v = int(seconds * 1e6 + 0.5)
+    return 1 if v < 1 else (_HIGHEST if v > _HIGHEST else v)
 
 
 def _counts(h: HdrHistogram) -> np.ndarray:

@@ -31,6 +31,7 @@ from .hist import (
     new_histogram,
     percentile,
     record,
+    record_seconds,
     reset_histogram,
     to_us,
 )
@@ -38,18 +39,21 @@ from .hist import (
 __all__ = ["ClosedInterval", "Recorder"]
 
 _STATUS = {code: str(code) for code in range(100, 600)}
+#: Values waiting in a list before they are recorded in bulk.
+FLUSH_EVERY = 2048
 #: Error kinds whose requests got no answer and so enter ``latency`` as a lower bound.
 CENSORED_KINDS = frozenset({"timeout", "unfinished"})
 
 
 class _OpenInterval:
-    """A timeline interval (by scheduled time) still collecting answers."""
+    """A timeline interval (by scheduled time) still collecting answers: its latencies
+    (seconds, from the schedule) and service times wait in lists until it closes."""
 
     __slots__ = ("answered", "capped", "errors", "latency", "ok", "pending", "sent", "service")
 
-    def __init__(self, spare: list[HdrHistogram]) -> None:
-        self.latency = reset_histogram(spare.pop()) if spare else new_histogram()
-        self.service = reset_histogram(spare.pop()) if spare else new_histogram()
+    def __init__(self) -> None:
+        self.latency: list[float] = []
+        self.service: list[float] = []
         self.sent = self.answered = self.ok = self.errors = self.capped = self.pending = 0
 
 
@@ -148,7 +152,16 @@ class Recorder:
         self.inflight_cap_reason = ""
         self.timeline: dict[int, ClosedInterval] = {}
         self._open: dict[int, _OpenInterval] = {}
-        self._spare: list[HdrHistogram] = []
+        #: two histograms an interval is recorded into when it closes (then reset and reused)
+        self._scratch = (new_histogram(), new_histogram())
+        #: values (seconds) waiting to be recorded, per histogram (see :meth:`flush`)
+        self._lat: list[float] = []
+        self._svc: list[float] = []
+        self._ttfb: list[float] = []
+        self._lag: list[float] = []
+        self._live: list[float] = []
+        self._pending = (("latency", self._lat), ("service", self._svc), ("ttfb", self._ttfb),
+                         ("lag", self._lag), ("live", self._live))
         self._horizon = -1
         labels = tuple(labels)
         self.mix: dict[str, MixFigures] = {k: MixFigures() for k in labels} if len(labels) > 1 else {}
@@ -183,17 +196,25 @@ class Recorder:
         i = int(due_rel // self.interval) if due_rel > 0 else 0
         iv = self._open.get(i)
         if iv is None:
-            iv = self._open[i] = _OpenInterval(self._spare)
+            iv = self._open[i] = _OpenInterval()
         return i, iv
 
     def _close(self, i: int) -> None:
         iv = self._open.pop(i)
+        lat, svc = reset_histogram(self._scratch[0]), reset_histogram(self._scratch[1])
+        record_seconds(lat, iv.latency)
+        record_seconds(svc, iv.service)
         self.timeline[i] = ClosedInterval(
             iv.sent, iv.answered, iv.ok, iv.errors, iv.capped,
-            encode_histogram(iv.latency), encode_histogram(iv.service),
-            _interval_figures(iv.latency, iv.service),
+            encode_histogram(lat), encode_histogram(svc), _interval_figures(lat, svc),
         )
-        self._spare += (iv.latency, iv.service)  # reused by the next intervals: no garbage
+
+    def flush(self) -> None:
+        """Record the values waiting in lists into the run's histograms."""
+        for name, pending in self._pending:
+            if pending:
+                record_seconds(getattr(self, name), pending)
+                pending.clear()
 
     def _close_ready(self) -> None:
         for i in [i for i, iv in self._open.items() if i < self._horizon and iv.pending == 0]:
@@ -205,9 +226,10 @@ class Recorder:
             self._close(i)
 
     def finish(self) -> None:
-        """Close every interval (the run is over)."""
+        """Close every interval and flush (the run is over)."""
         for i in sorted(self._open):
             self._close(i)
+        self.flush()
 
     def open_intervals(self) -> int:
         """Intervals still holding full histograms (for memory checks)."""
@@ -229,7 +251,7 @@ class Recorder:
             return
         self.sent += 1
         lag = sent_rel - due_rel
-        record(self.lag, to_us(lag) if lag > 0 else 1)
+        self._lag.append(lag)
         if lag > self.late_threshold:
             self.late += 1
             if capped:
@@ -272,24 +294,28 @@ class Recorder:
         self.ok += 1
         self.answered += 1
         self.bytes_in += nbytes_in
-        v = to_us(done_rel - due_rel)
-        s = to_us(done_rel - sent_rel)
-        record(self.latency, v)
-        record(self.service, s)
-        record(self.ttfb, to_us(first_byte_rel - due_rel))
-        record(self.live, v)
+        v = done_rel - due_rel
+        s = done_rel - sent_rel
+        lat = self._lat
+        lat.append(v)
+        self._svc.append(s)
+        self._ttfb.append(first_byte_rel - due_rel)
+        self._live.append(v)
+        if len(lat) >= FLUSH_EVERY:
+            self.flush()
         if self.first_ok is None or done_rel < self.first_ok:
             self.first_ok = done_rel
-        self._done(done_rel)
+        if self.last_done is None or done_rel > self.last_done:
+            self.last_done = done_rel
         i, iv = self._iv(due_rel)
         iv.ok += 1
         iv.answered += 1
-        record(iv.latency, v)
-        record(iv.service, s)
+        iv.latency.append(v)
+        iv.service.append(s)
         if self.mix:
             m = self.mix[label]
             m.ok += 1
-            record(m.latency, v)
+            record(m.latency, to_us(v))
         self._resolve(i, iv)
 
     def on_error(self, kind: str, due_rel: float, done_rel: float, measured: bool, answered: bool,
@@ -310,8 +336,8 @@ class Recorder:
             iv.answered += 1
         if kind in CENSORED_KINDS:
             self.censored += 1
-            record(self.latency, v)
-            record(iv.latency, v)
+            self._lat.append(done_rel - due_rel)
+            iv.latency.append(done_rel - due_rel)
         if self.mix:
             self.mix[label].failed += 1
         self._resolve(i, iv)
@@ -325,11 +351,10 @@ class Recorder:
         self.failed += 1
         self.censored += 1
         self.errors["unfinished"] += 1
-        v = to_us(now_rel - due_rel)
-        record(self.latency, v)
+        self._lat.append(now_rel - due_rel)
         i, iv = self._iv(due_rel)
         iv.errors += 1
-        record(iv.latency, v)
+        iv.latency.append(now_rel - due_rel)
         if self.mix:
             self.mix[label].failed += 1
         self._resolve(i, iv)
@@ -343,6 +368,7 @@ class Recorder:
     def progress(self) -> dict[str, Any]:
         """A cheap snapshot for progress lines: cumulative counters and the compressed
         histogram of the ok answers since the last snapshot (then reset)."""
+        self.flush()
         live = encode_histogram(self.live) if self.live.get_total_count() else ""
         reset_histogram(self.live)
         return {
@@ -395,6 +421,7 @@ class Recorder:
 
     def worker_summary(self, index: int) -> dict[str, Any]:
         """How well this (one process's) generator kept to its schedule."""
+        self.flush()
         return {
             "worker": index,
             "pid": os.getpid(),
