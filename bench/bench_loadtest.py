@@ -187,7 +187,7 @@ def bench_cpu(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
 
 
 def bench_http(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
-    rate = 2000.0
+    rate = args.http_rate
     seconds = 5.0 if args.quick else 10.0
     srv = Server("--replicas", "32")
     try:
@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
     p.add_argument("--quick", action="store_true", help="shorter runs, find-max without confirmation re-runs")
+    p.add_argument("--http-rate", type=float, default=2000.0, help="rate of the http section (default: 2000)")
     p.add_argument("--json", help="write every check's figures here")
     p.add_argument("--strict", action="store_true", help="exit 1 when a check fails")
     args = p.parse_args(argv)

@@ -211,29 +211,40 @@ class HttpSender:
         self._timeout = transport.client_timeout(connect_timeout, timeout, timeout)
         self._session = transport.make_session(limit=connections, limit_per_host=connections,
                                                keepalive_timeout=30.0)
+        #: per plan: (URL with query, headers, auto headers to skip), built once
+        self._prepared: dict[int, tuple[URL, dict[str, str], tuple[str, ...] | None]] = {}
 
     async def close(self) -> None:
         """Close the pooled connections."""
         await self._session.close()
 
-    def _request_headers(self, plan: RequestPlan, target: URL) -> dict[str, str]:
+    def _request_headers(self, plan: RequestPlan, target: URL) -> tuple[dict[str, str], tuple[str, ...] | None]:
         h = dict(self._headers)
         h.update(plan.request.headers)
         if self._credential is not None and transport.origin(target) == self._credential[0]:
             h[protocol.HEADER_AUTHORIZATION] = self._credential[1]
-        return h
+        # no Content-Type (encode): send none, as the reference client does
+        return h, (None if protocol.HEADER_CONTENT_TYPE in h else (protocol.HEADER_CONTENT_TYPE,))
+
+    def _prepare(self, plan: RequestPlan) -> tuple[URL, dict[str, str], tuple[str, ...] | None]:
+        prepared = self._prepared.get(plan.index)
+        if prepared is None:
+            params = plan.request.params
+            target = self.url.extend_query(params) if params else self.url
+            prepared = self._prepared[plan.index] = (target, *self._request_headers(plan, target))
+        return prepared
 
     async def __call__(self, plan: RequestPlan) -> Answer:
         """One attempt: POST ``plan``'s request, validate the answer as it streams in."""
         req = plan.request
-        target = self.url.extend_query(req.params) if req.params else self.url
+        target, h, skip = self._prepare(plan)
         t0 = time.perf_counter()
         in_body = False
         status: int | None = None
         try:
-            for _ in range(MAX_REDIRECTS + 1):
-                h = self._request_headers(plan, target)
-                skip = () if protocol.HEADER_CONTENT_TYPE in h else (protocol.HEADER_CONTENT_TYPE,)
+            for hop in range(MAX_REDIRECTS + 1):
+                if hop:
+                    h, skip = self._request_headers(plan, target)
                 # SWITCH POINT: the one HTTP exchange (status + headers + body chunks).
                 async with self._session.post(target, data=req.body, headers=h, timeout=self._timeout,
                                               allow_redirects=False, skip_auto_headers=skip) as resp:
