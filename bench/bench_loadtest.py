@@ -89,7 +89,8 @@ def check(name: str, ok: bool, detail: str, results: list[dict[str, Any]], figur
 
 
 def bench_findmax(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
-    for delay, replicas, slo in FINDMAX_CASES:
+    wanted = {float(x) for x in args.findmax_cases.split(",")}
+    for delay, replicas, slo in (c for c in FINDMAX_CASES if c[0] in wanted):
         capacity = replicas * 1000.0 / delay
         srv = Server("--delay-ms", str(delay), "--replicas", str(replicas))
         try:
@@ -212,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
     p.add_argument("--quick", action="store_true", help="shorter runs, find-max without confirmation re-runs")
+    p.add_argument("--findmax-cases", default="25,400,1500", metavar="MS,...",
+                   help="service times of the findmax section (default: 25,400,1500)")
     p.add_argument("--http-rate", type=float, default=2000.0, help="rate of the http section (default: 2000)")
     p.add_argument("--json", help="write every check's figures here")
     p.add_argument("--strict", action="store_true", help="exit 1 when a check fails")

@@ -11,8 +11,8 @@ The search doubles the rate until a step fails, then bisects. Each step:
   window, so a slow endpoint that keeps up passes however long its latency;
 * is *client-bound* when it would fail but the generator fell behind its schedule
   (its lag p99 over a tenth of the SLO), ran out of descriptors, or its in-flight
-  cap was below rate × SLO: the search then stops there instead of blaming the
-  endpoint;
+  cap was below rate × SLO: it bounds the search like a failure, but the report
+  says "client-bound at N/s" instead of blaming the endpoint;
 * with ``confirm``, runs twice whether it passed or failed, and a third time when
   the two disagree (majority), so noise biases the result neither up nor down.
 
@@ -158,20 +158,20 @@ class _Search:
         await self.clock.sleep(0.2)
 
     async def judge(self, rate: float) -> Step:
-        """The verdict at ``rate``: one run, or (``confirm``) the majority of two or three."""
+        """The verdict at ``rate``: one run, or (``confirm``) two that agree, else the
+        majority of three (``fail`` when all three differ)."""
         runs: list[Step] = []
         for n in range(3 if self.fm.confirm else 1):
             if n and (self.stopped or len(self.steps) >= self.fm.max_steps):
                 break
-            step = await self.run_step(rate, "confirm" if n else "")
-            runs.append(step)
-            if step.verdict == "client" or self.stopped:
-                return step
-            if n == 1 and runs[0].verdict == runs[1].verdict:
+            runs.append(await self.run_step(rate, "confirm" if n else ""))
+            if self.stopped or (n == 1 and runs[0].verdict == runs[1].verdict):
                 break
-        passes = [s for s in runs if s.verdict == "pass"]
-        fails = [s for s in runs if s.verdict != "pass"]
-        return passes[-1] if len(passes) > len(fails) else fails[-1]
+        for verdict in ("pass", "client", "fail"):
+            same = [s for s in runs if s.verdict == verdict]
+            if 2 * len(same) > len(runs) or (len(runs) == 1 and same):
+                return same[-1]
+        return next((s for s in reversed(runs) if s.verdict == "fail"), runs[-1])
 
     def next_rate(self, rate: float) -> float | None:
         fm = self.fm
@@ -189,13 +189,12 @@ class _Search:
             step = await self.judge(rate)
             if self.stopped:
                 break
-            if step.verdict == "client":
-                self.client_bound_at = rate
-                break
             if step.verdict == "pass":
                 self.lo, self.best = rate, step
-            else:
+            else:  # a client-bound rate bounds the search like a failing one, and is reported
                 self.hi = rate
+                if step.verdict == "client":
+                    self.client_bound_at = min(rate, self.client_bound_at or rate)
             nxt = self.next_rate(rate)
             if nxt is None:
                 break
@@ -211,8 +210,10 @@ class _Search:
             step = await self.run_step(self.lo, "final", length)
             if step.verdict == "pass":
                 return step
-            if step.verdict == "client" or self.stopped:
+            if self.stopped:
                 return None
+            if step.verdict == "client":
+                self.client_bound_at = min(self.lo, self.client_bound_at or self.lo)
             self.hi, self.lo = self.lo, self.lo * (1 - fm.precision)
         return None
 
