@@ -226,7 +226,7 @@ class _Search:
         fm_data = {
             "slo_p99_ms": fm.slo_p99_ms,
             "max_error_rate": fm.max_error_rate,
-            "max_rate": final.rate if final else self.lo,
+            "max_rate": final.rate if final else (self.best.rate if self.best else None),
             "confirmed": final is not None,
             "client_bound_at": self.client_bound_at,
             "bracket": [self.lo, self.hi],
