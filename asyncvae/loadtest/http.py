@@ -21,7 +21,6 @@ import os
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import Any
 
 import aiohttp
 from yarl import URL
@@ -289,7 +288,3 @@ def describe_endpoint(url: str) -> str:
     """Validate an endpoint URL up front (raises :class:`InputError` saying what to fix)."""
     return str(transport.parse_endpoint(url))
 
-
-def make_sender(url: str, **kw: Any) -> HttpSender:
-    """An :class:`HttpSender` (see its arguments)."""
-    return HttpSender(url, **kw)

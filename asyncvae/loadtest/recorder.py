@@ -15,7 +15,6 @@ the two histograms in compressed form (a few hundred bytes).
 
 from __future__ import annotations
 
-import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -523,6 +522,3 @@ def window_seconds(rec: Recorder) -> float:
         return 0.0
     return max(0.0, rec.window_end - rec.window_start)
 
-
-def is_finite(v: float | None) -> bool:
-    return v is not None and math.isfinite(v)
