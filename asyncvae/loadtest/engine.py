@@ -177,8 +177,8 @@ class _Driver:
                     rec.on_error(kind, due_rel, now_() - o, measured, status is not None, label)
                     return
                 now = now_()
-                rec.on_attempt(ans.status, True, plan.nbytes, measured)
-                rec.on_ok(due_rel, sent - o, t_att + ans.ttfb - o, now - o, ans.bytes_in, measured, label)
+                rec.on_ok(due_rel, sent - o, t_att + ans.ttfb - o, now - o, ans.bytes_in, measured, label,
+                          ans.status, plan.nbytes)
                 return
         except asyncio.CancelledError:
             rec.on_unfinished(due_rel, now_() - o, measured, label)

@@ -287,9 +287,15 @@ class Recorder:
             self.last_done = done_rel
 
     def on_ok(self, due_rel: float, sent_rel: float, first_byte_rel: float, done_rel: float,
-              nbytes_in: int, measured: bool, label: str = "") -> None:
+              nbytes_in: int, measured: bool, label: str = "", status: int = 200, nbytes_out: int = 0) -> None:
+        """A request ended ok; its last attempt (``status``, ``nbytes_out`` sent) is
+        counted here too (no :meth:`on_attempt` for it)."""
         if not measured:
             return
+        self.attempts += 1
+        key = _STATUS.get(status) or str(status)
+        self.statuses[key] = self.statuses.get(key, 0) + 1
+        self.bytes_out += nbytes_out
         self.ok += 1
         self.answered += 1
         self.bytes_in += nbytes_in

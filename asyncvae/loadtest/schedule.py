@@ -72,8 +72,12 @@ def arrival_times(
         return
     for st in stages:
         total = math.inf if st.duration is None else (st.start_rate + st.end_rate) / 2 * st.duration
+        flat = st.start_rate == st.end_rate
         while target < cum + total:
-            tau = _tau(target - cum, st.start_rate, st.end_rate, st.duration)
+            if flat:  # a held rate: no square root
+                tau: float | None = (target - cum) / st.start_rate if st.start_rate else None
+            else:
+                tau = _tau(target - cum, st.start_rate, st.end_rate, st.duration)
             if tau is None:
                 break
             t = t0 + tau
