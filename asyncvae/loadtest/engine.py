@@ -28,7 +28,7 @@ from ..config import Retry
 from ..errors import AsyncVAEError, EndpointError
 from ..errors import error_kind as _error_kind
 from .hist import new_histogram
-from .policy import RetryState, next_retry
+from .policy import RetryState, make_policy, next_retry
 from .recorder import Recorder
 from .requests import Mixer, RequestPlan
 
@@ -141,8 +141,7 @@ class _Driver:
         self.send = send
         self.rec = rec
         self.clock = clock
-        self.retry = retry
-        self.rng = rng
+        self.policy = make_policy(retry, clock, rng)
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.room = asyncio.Event()
         self.waiting = False
@@ -166,10 +165,10 @@ class _Driver:
                     kind = error_kind(e)
                     status = status_of(e)
                     rec.on_attempt(status, status is not None or kind == "timeout", plan.nbytes, measured)
-                    if self.retry is not None:
+                    if self.policy is not None:
                         state = state or RetryState()
                         state.attempts += 1
-                        wait = next_retry(self.retry, e, state, now_(), self.rng)
+                        wait = next_retry(self.policy, e, state)
                         if wait is not None:
                             rec.on_retry(kind, measured)
                             await self.clock.sleep(wait)

@@ -1,10 +1,8 @@
-"""The load tester's only door to HTTP: send one request, validate the answer while
-reading it chunk by chunk, keep none of it.
-
-Everything here that touches :mod:`asyncvae.transport` or aiohttp is marked
-``SWITCH POINT``: when the transport seam lands (request in; status, headers and
-body chunks out), :meth:`HttpSender.__call__` becomes "send through the seam, feed
-its chunks to :class:`BodyCheck`", and the rest of the load tester does not change.
+"""The load tester's only door to HTTP: send one request through the transport seam
+(:class:`asyncvae.transport.native.NativeTransport`, the client's own), validate the
+answer while reading it chunk by chunk, keep none of it. Redirects follow the client's
+rules (``asyncvae._exchange.next_hop``: credentials stay with their origin), and error
+answers become the client's :class:`EndpointError` (``_exchange.raise_for_status``).
 
 :class:`BodyCheck` / :func:`validate_body` are pure (no sockets): given the status
 headers and the body's chunks they count bytes, check the declared shape/dtype size
@@ -18,15 +16,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import ssl
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
-import aiohttp
-from yarl import URL
-
-from .. import protocol, transport
-from ..errors import AsyncVAEError, EndpointError, InputError, ProtocolError, TransportError
+from .. import protocol
+from .._exchange import MAX_ERROR_BODY, MAX_REDIRECTS, REDIRECT_STATUSES, next_hop, raise_for_status
+from ..client import parse_endpoint
+from ..errors import AsyncVAEError, EndpointError, ProtocolError
+from ..transport import Request, Timeouts
+from ..transport.native import NativeTransport
 from .engine import Answer, ClientSideError, InvalidAnswer
 from .requests import RequestPlan
 
@@ -34,10 +32,7 @@ __all__ = ["MAX_ERROR_BODY", "MAX_RESPONSE_BYTES", "BodyCheck", "HttpSender", "v
 
 #: Largest answer the load tester accepts (declared tensor size or Content-Length).
 MAX_RESPONSE_BYTES = 4 << 30
-#: Most of an error body that is read.
-MAX_ERROR_BODY = 64 * 1024
-MAX_REDIRECTS = 5
-REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
 _HEAD = 12  # bytes kept of a body: enough for PNG/JPEG magic and an mp4 ftyp box
 
 
@@ -131,8 +126,6 @@ def validate_body(plan: RequestPlan, headers: Mapping[str, str], chunks: Iterabl
 def _os_error(e: BaseException | None) -> OSError | None:
     seen = 0
     while e is not None and seen < 8:
-        if isinstance(e, aiohttp.ClientConnectorError):
-            return e.os_error
         if isinstance(e, OSError) and e.errno is not None:
             return e
         e = e.__cause__ or e.__context__
@@ -156,41 +149,11 @@ def classify_client_error(e: BaseException) -> ClientSideError | None:
     return None
 
 
-def _map_error(e: BaseException, url: URL, *, in_body: bool) -> Exception:
-    """aiohttp/OS errors in the vocabulary of :mod:`asyncvae.errors` (SWITCH POINT:
-    the transport seam will raise these itself)."""
-    client = classify_client_error(e)
-    if client is not None:
-        return client
-    where = "while reading the response body" if in_body else "before a response arrived"
-    if isinstance(e, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError, ssl.SSLError)):
-        return TransportError(f"TLS failure talking to {url.host}: {e}", retryable=False, kind="tls")
-    if isinstance(e, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-        return TransportError(f"timed out {where} from {url.host}:{url.port}", kind="timeout")
-    if isinstance(e, aiohttp.ClientResponseError):
-        detail = (e.message or type(e).__name__).splitlines()[0]
-        return ProtocolError(f"malformed HTTP response from {url.host}:{url.port}: {detail}", retryable=True)
-    if in_body and isinstance(e, (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
-                                  aiohttp.ClientOSError, ConnectionError)):
-        return ProtocolError(f"response body from {url.host}:{url.port} was cut short: {e}", retryable=True)
-    return TransportError(f"connection to {url.host}:{url.port} failed {where}: {type(e).__name__}: {e}")
-
-
-async def _chunks(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """The body's chunks as received, one at a time (no joining copies)."""
-    while True:
-        chunk, boundary = await content.readchunk()
-        if chunk:
-            yield chunk
-        elif not boundary:
-            return
-
-
 # --------------------------------------------------------------------------- sending
 
 
 class HttpSender:
-    """Sends :class:`RequestPlan` s to one endpoint over one pooled session and returns
+    """Sends :class:`RequestPlan` s to one endpoint over one pooled transport and returns
     an :class:`Answer` (status, time to first byte, bytes read) for a valid answer;
     raises an :class:`~asyncvae.AsyncVAEError` otherwise. An error raised after the
     status line arrived carries it as ``answered_status``.
@@ -201,90 +164,69 @@ class HttpSender:
 
     def __init__(self, url: str, *, connections: int, timeout: float, connect_timeout: float,
                  token: str | None = None, headers: Mapping[str, str] | None = None):
-        # SWITCH POINT: endpoint parsing, credentials, timeouts and the session come
-        # from asyncvae.transport today; from the transport seam later.
-        self.url = transport.parse_endpoint(url)
+        self.url = parse_endpoint(url)
         token = token if token is not None else (os.environ.get("HF_TOKEN") or None)
-        self._credential = (transport.origin(self.url), f"Bearer {token}") if token else None
-        self._headers = dict(headers or {})
-        self._timeout = transport.client_timeout(connect_timeout, timeout, timeout)
-        self._session = transport.make_session(limit=connections, limit_per_host=connections,
-                                               keepalive_timeout=30.0)
-        #: per plan: (URL with query, headers, auto headers to skip), built once
-        self._prepared: dict[int, tuple[URL, dict[str, str], tuple[str, ...] | None]] = {}
+        base = dict(headers or {})
+        if token:
+            base[protocol.HEADER_AUTHORIZATION] = f"Bearer {token}"
+        self._headers = tuple(base.items())
+        self._timeout = timeout
+        self._transport = NativeTransport(
+            limit=connections, limit_per_host=connections, keepalive_timeout=30.0,
+            timeouts=Timeouts(connect=connect_timeout, read=timeout),
+        )
+        #: per plan: the Request (URL with query, every header, body), built once
+        self._prepared: dict[int, Request] = {}
 
     async def close(self) -> None:
         """Close the pooled connections."""
-        await self._session.close()
+        await self._transport.aclose()
 
-    def _request_headers(self, plan: RequestPlan, target: URL) -> tuple[dict[str, str], tuple[str, ...] | None]:
-        h = dict(self._headers)
-        h.update(plan.request.headers)
-        if self._credential is not None and transport.origin(target) == self._credential[0]:
-            h[protocol.HEADER_AUTHORIZATION] = self._credential[1]
-        # no Content-Type (encode): send none, as the reference client does
-        return h, (None if protocol.HEADER_CONTENT_TYPE in h else (protocol.HEADER_CONTENT_TYPE,))
-
-    def _prepare(self, plan: RequestPlan) -> tuple[URL, dict[str, str], tuple[str, ...] | None]:
-        prepared = self._prepared.get(plan.index)
-        if prepared is None:
-            params = plan.request.params
-            target = self.url.extend_query(params) if params else self.url
-            prepared = self._prepared[plan.index] = (target, *self._request_headers(plan, target))
-        return prepared
+    def _prepare(self, plan: RequestPlan) -> Request:
+        req = self._prepared.get(plan.index)
+        if req is None:
+            wire = plan.request
+            target = self.url.extend_query(wire.params) if wire.params else self.url
+            req = self._prepared[plan.index] = Request(
+                "POST", target, self._headers + tuple(wire.headers.items()), wire.body
+            )
+        return req
 
     async def __call__(self, plan: RequestPlan) -> Answer:
         """One attempt: POST ``plan``'s request, validate the answer as it streams in."""
-        req = plan.request
-        target, h, skip = self._prepare(plan)
+        req = self._prepare(plan)
         t0 = time.perf_counter()
-        in_body = False
+        deadline = asyncio.get_running_loop().time() + self._timeout
         status: int | None = None
         try:
-            for hop in range(MAX_REDIRECTS + 1):
-                if hop:
-                    h, skip = self._request_headers(plan, target)
-                # SWITCH POINT: the one HTTP exchange (status + headers + body chunks).
-                async with self._session.post(target, data=req.body, headers=h, timeout=self._timeout,
-                                              allow_redirects=False, skip_auto_headers=skip) as resp:
-                    ttfb = time.perf_counter() - t0
+            for _ in range(MAX_REDIRECTS + 1):
+                async with await self._transport.send(req, deadline=deadline) as resp:
                     status = resp.status
-                    if status in REDIRECT_STATUSES and "Location" in resp.headers:
-                        target = resp.url.join(URL(resp.headers["Location"]))
-                        if target.scheme not in ("http", "https"):
-                            raise ProtocolError(f"redirect to unsupported URL {target}")
-                        if not target.query and req.params:
-                            target = target.extend_query(req.params)
-                        continue
-                    in_body = True
-                    if not 200 <= status < 300:
-                        body = await resp.content.read(MAX_ERROR_BODY)
-                        raise EndpointError(
-                            protocol.error_body(status, body, resp.headers.get(protocol.HEADER_CONTENT_TYPE)),
-                            status=status, url=str(self.url.with_query(None)),
-                            retry_after=protocol.parse_retry_after(resp.headers.get(protocol.HEADER_RETRY_AFTER)),
+                    if status in REDIRECT_STATUSES:
+                        url, method, body, hdrs = next_hop(
+                            req.url, req.method, req.body, req.headers, status,
+                            resp.headers.get("Location"), plan.request.params,
                         )
+                        req = Request(method, url, hdrs, body)
+                        continue
+                    ttfb = time.perf_counter() - t0
+                    await raise_for_status(resp, self.url)
                     check = BodyCheck(plan, resp.headers)
-                    async for chunk in _chunks(resp.content):
+                    while chunk := await resp.read_chunk():
                         check.feed(chunk)
                     return Answer(status, ttfb, check.finish())
             raise ProtocolError(f"too many redirects (more than {MAX_REDIRECTS})")
         except EndpointError:
             raise
-        except (AsyncVAEError, InputError) as e:
+        except AsyncVAEError as e:
+            client = classify_client_error(e)
+            if client is not None:
+                raise client from e
             if status is not None:
                 e.answered_status = status  # type: ignore[attr-defined]
             raise
-        except asyncio.CancelledError:
-            raise
-        except (TimeoutError, aiohttp.ClientError, OSError) as e:
-            err = _map_error(e, self.url, in_body=in_body)
-            if status is not None and in_body:
-                err.answered_status = status  # type: ignore[attr-defined]
-            raise err from e
 
 
 def describe_endpoint(url: str) -> str:
     """Validate an endpoint URL up front (raises :class:`InputError` saying what to fix)."""
-    return str(transport.parse_endpoint(url))
-
+    return str(parse_endpoint(url))
