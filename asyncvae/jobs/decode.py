@@ -512,12 +512,14 @@ async def decode_dataset_async(
         if summary.shards_skipped:
             log(f"resuming: {summary.shards_skipped} of {len(mine)} input file(s) already complete")
         if units:
-            runs: list[Run] = []
-            for u in units:
-                if runs and runs[-1].options == u.options:
-                    runs[-1].units.append(u)  # type: ignore[attr-defined]
+            groups: list[tuple[dict[str, Any], list[_File]]] = []
+            for u in units:  # consecutive files with the same scaling share one decode_many
+                if groups and groups[-1][0] == u.options:
+                    groups[-1][1].append(u)
                 else:
-                    runs.append(Run(u.options, [u]))
+                    groups.append((u.options, [u]))
+            out_opts = {"output_type": "pt", "partial_postprocess": True, "return_type": "pt"}  # uint8 [B,H,W,3]
+            runs = [Run({**opts, **out_opts}, group) for opts, group in groups]
 
             async def go(c: Client) -> None:
                 todo = sum(u.remaining for u in units)

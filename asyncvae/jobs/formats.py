@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from collections.abc import Iterable, Sequence
 from typing import IO, Any
@@ -131,7 +132,26 @@ def _safetensors_bytes(items: Iterable[tuple[str, torch.Tensor]], meta: dict[str
     from safetensors.torch import save
 
     tensors = {k: t.contiguous() for k, t in items}
-    return save(tensors, metadata={k: str(v) for k, v in meta.items()})
+    return _canonical(save(tensors, metadata={k: str(v) for k, v in meta.items()}))
+
+
+def _canonical(data: bytes) -> bytes:
+    """The same file with its JSON header in sorted order: the ``safetensors`` library
+    writes header entries in hash-map order, which changes from process to process, so
+    equal shards would differ in bytes. Only the header's key order changes (same
+    length, same offsets); anything unexpected leaves the bytes as they were."""
+    n = int.from_bytes(data[:8], "little")
+    raw = data[8 : 8 + n]
+    try:
+        header = json.loads(raw)
+    except ValueError:  # pragma: no cover - the library wrote it
+        return data
+    meta = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}) | dict(sorted(header.items()))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # pragma: no cover
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n :]
 
 
 def _tar_add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -235,11 +255,12 @@ def read_latents(data: bytes, fmt: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_safetensors(path: str) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
+def read_safetensors(path: str | os.PathLike[str]) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
     """Tensors (by name) and metadata of a safetensors file, through the ``safetensors``
     library; a malformed file is an :class:`InputError` with a one-line reason."""
     from safetensors import SafetensorError, safe_open
 
+    path = os.fspath(path)
     try:
         with safe_open(path, framework="pt") as f:
             meta = dict(f.metadata() or {})
