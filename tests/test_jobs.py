@@ -366,6 +366,6 @@ def test_cli_help_mentions_layout_and_every_flag(capsys):
         for word in ("--shard-index", "--resume", "--endpoint", "--max-failure-rate", "--allow-endpoint-change"):
             assert word in text
         if cmd == "encode":
-            for word in ("--demo", "_stats.json", "failures.jsonl", "manifest.parquet", "--skip-bad-inputs",
+            for word in ("--demo", "_stats.json", "failures.jsonl", "manifest.arrow", "--skip-bad-inputs",
                          "--max-pixels", "parquet", "builtin"):
                 assert word in text

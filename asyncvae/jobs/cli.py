@@ -48,7 +48,7 @@ An endpoint is required: --endpoint URL (repeat for replicas), or --endpoint bui
 
 Output (--out DIR, or any fsspec URL such as s3://bucket/latents):
   job.json                  settings, endpoint (never the token), model (latent channels)
-  manifest.parquet          which keys each shard holds; later runs extend it
+  manifest.arrow          which keys each shard holds; later runs extend it
   shard-00000.safetensors   {key: latent [C,H/8,W/8]} + metadata; or shard-00000.tar
                             (<key>.npy + <key>.json + .txt/.cls) with --format webdataset;
                             or shard-00000.parquet with a latent column (--format parquet)

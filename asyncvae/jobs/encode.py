@@ -9,7 +9,7 @@ the rest through the pipeline (:mod:`.pipeline`: a preprocessing pool →
 Output layout (``OUT/``, a local folder or any fsspec URL)::
 
     job.json                      settings, endpoint (no token) and model identity
-    manifest.parquet              which keys each shard holds (extended by later runs)
+    manifest.arrow              which keys each shard holds (extended by later runs)
     shard-00000.safetensors       {key: latent [C, H/8, W/8]} + metadata   (--format safetensors)
     shard-00000.tar               <key>.npy + <key>.json (+ .txt/.cls)      (--format webdataset)
     shard-00000.parquet           the index: one row per input (key, source, caption, status,

@@ -5,8 +5,9 @@ manifest, and the shards' completion markers — the resume logic of both jobs.
 a later run with other settings is refused (``--overwrite`` replaces the job), one
 against another endpoint is refused unless ``allow_endpoint_change``.
 
-The manifest (``manifest.parquet``: one row per key with its shard, and the shard list
-in the schema metadata) fixes which keys each shard holds. A run lists the inputs,
+The manifest (``manifest.arrow``, an Arrow IPC file — not ``.parquet``, so that
+``OUT/*.parquet`` names the shards only: one row per key with its shard, and the
+shard list in the schema metadata) fixes which keys each shard holds. A run lists the inputs,
 then *extends* the manifest like img2dataset's incremental mode: shards keep their
 keys; new inputs fill the last loose shard (it is redone, reusing its done latents)
 and then go into new shards; a WebDataset input tar is one shard of its own (1:1), so
@@ -24,7 +25,6 @@ marker, and the next run resends only those items.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from collections.abc import Sequence
@@ -39,7 +39,7 @@ from .storage import Storage
 __all__ = ["Manifest", "ShardPlan", "check_job", "keys_digest", "plan_shards", "read_marker"]
 
 JOB_FILE = "job.json"
-MANIFEST_FILE = "manifest.parquet"
+MANIFEST_FILE = "manifest.arrow"
 _LOOSE = re.compile(r"^shard-(\d{5,})$")
 
 
@@ -158,7 +158,6 @@ class Manifest:
 
     def to_bytes(self) -> bytes:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         names, keys = [], []
         for s in self.shards:
@@ -173,15 +172,16 @@ class Manifest:
         }
         table = pa.table({"shard": pa.array(names, pa.string()).dictionary_encode(), "key": pa.array(keys, pa.string())})
         table = table.replace_schema_metadata(meta)
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        return buf.getvalue()
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
+            w.write_table(table)
+        return sink.getvalue().to_pybytes()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:
-        import pyarrow.parquet as pq
+        import pyarrow as pa
 
-        table = pq.read_table(io.BytesIO(data))
+        table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
         meta = json.loads((table.schema.metadata or {})[b"asyncvae_manifest"])
         keys = table.column("key").to_pylist()
         shards, pos = [], 0
