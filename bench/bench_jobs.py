@@ -35,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from asyncvae.jobs._common import make_client  # noqa: E402
+
 import asyncvae  # noqa: E402
 from asyncvae.jobs import (  # noqa: E402
     encode_dataset_async,
@@ -43,7 +45,6 @@ from asyncvae.jobs import (  # noqa: E402
     parse_resolution,
     to_wire_tensor,
 )
-from asyncvae.jobs._common import make_client  # noqa: E402
 from asyncvae.jobs.demo import make_image  # noqa: E402
 
 LISTENING = "asyncvae serve: listening on "
