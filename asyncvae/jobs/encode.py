@@ -39,7 +39,15 @@ from .accounting import FailureGuard, JobSummary, Progress, failures_text
 from .endpoint import JobAborted, endpoint_identity, open_client, resolve_endpoints
 from .formats import data_name, index_name, read_index, read_latents, write_index, write_shard
 from .pipeline import PipelineSettings, Run, run_pipeline
-from .prep import ImageSpec, Prepared, available_cpus, make_pool, prepare_item
+from .prep import (
+    PROCESS_MIN_ITEMS,
+    ImageSpec,
+    Prepared,
+    available_cpus,
+    prepare_item,
+    start_processes,
+    thread_pool,
+)
 from .settings import EncodeSettings, RunSettings, split_kwargs
 from .sources import Item, check_inputs, scan_inputs
 from .storage import Storage
@@ -311,10 +319,20 @@ async def encode_dataset_async(
     ins = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not ins:
         raise InputError("no INPUT given: pass image folders, .txt/.csv lists or .tar shards (or --demo)")
-    await asyncio.to_thread(check_inputs, ins)
+    check_inputs(ins)  # cheap checks first, in the loop: no thread exists yet (see start_processes)
     store = Storage(out)
-    await asyncio.to_thread(store.ensure)
+    store.ensure()
     urls = endpoint_identity(client.endpoints) if client is not None else resolve_endpoints(endpoint)
+    procs = start_processes(rs.workers) if rs.pool in ("process", "auto") else None
+    try:
+        return await _encode(ins, store, urls, client, enc, rs, procs, t_start)
+    finally:
+        if procs is not None:
+            procs.shutdown(wait=False, cancel_futures=True)
+
+
+async def _encode(ins: list[Any], store: Storage, urls: list[str], client: Client | None, enc: EncodeSettings,
+                  rs: RunSettings, procs: Any, t_start: float) -> JobSummary:
     log = _logger("encode", rs.quiet)
 
     listing = await asyncio.to_thread(scan_inputs, ins)
@@ -390,7 +408,7 @@ async def encode_dataset_async(
                     for where, what in listing.problems)
 
     if units:
-        await _run(ctx, client, urls, units, todo, summary, rs)
+        await _run(ctx, client, urls, units, todo, summary, rs, procs)
     for unit in units:
         failures.extend(_failure_rows(unit.name, unit.rows))
     _write_failures(store, rs, failures, summary)
@@ -399,9 +417,9 @@ async def encode_dataset_async(
 
 
 async def _run(ctx: _Context, client: Client | None, urls: list[str], units: list[_Shard], todo: int,
-               summary: JobSummary, rs: RunSettings) -> None:
+               summary: JobSummary, rs: RunSettings, procs: Any) -> None:
     enc = ctx.enc
-    spec = ImageSpec(enc.resolution, enc.crop, enc.alpha, enc.wire_dtype, enc.max_pixels)
+    spec = ImageSpec(enc.resolution, enc.crop, enc.alpha, enc.wire_dtype, enc.max_pixels, enc.resample)
     workers = rs.workers or available_cpus()
 
     def wrap(value: Prepared, unit: Any, slot: int) -> Any:
@@ -414,7 +432,8 @@ async def _run(ctx: _Context, client: Client | None, urls: list[str], units: lis
                 unit.reject(j, InputError(f"{unit.rows[j]['key']}: no longer in the inputs"), "input", "input")
                 summary.processed += 1
                 summary.count("failed", "input")
-        pool = make_pool(workers, todo, rs.pool) if todo else None
+        use_procs = procs is not None and (rs.pool == "process" or todo >= PROCESS_MIN_ITEMS)
+        pool = procs if use_procs else (thread_pool(workers) if todo else None)
         prog = Progress(c, todo, "encode", enabled=not rs.quiet)
         base = JobSummary.client_totals(c.stats)
         try:
@@ -429,7 +448,7 @@ async def _run(ctx: _Context, client: Client | None, urls: list[str], units: lis
             raise
         finally:
             prog.close()
-            if pool is not None:
+            if pool is not None and pool is not procs:
                 pool.shutdown(wait=False, cancel_futures=True)
             summary.add_client_usage(c.stats, base)
 

@@ -18,7 +18,14 @@ from typing import Any
 from ..config import Retry, Timeout
 from ..errors import InputError
 from .formats import FORMATS
-from .preprocess import ALPHA_MODES, CROP_MODES, DEFAULT_MAX_PIXELS, WIRE_DTYPES, parse_resolution
+from .preprocess import (
+    ALPHA_MODES,
+    CROP_MODES,
+    DEFAULT_MAX_PIXELS,
+    RESAMPLE,
+    WIRE_DTYPES,
+    parse_resolution,
+)
 
 __all__ = ["IMAGE_FORMATS", "LATENT_DTYPES", "DecodeSettings", "EncodeSettings", "RunSettings", "split_kwargs"]
 
@@ -33,7 +40,10 @@ class RunSettings:
     Attributes:
         concurrency: requests in flight.
         workers: preprocessing workers (default: the CPUs this process may use).
-        pool: ``"auto"`` (processes for large runs, else threads), ``"process"``, ``"thread"``.
+        pool: ``"thread"`` (the Python API's default: works anywhere), ``"process"`` (every
+            CPU, no GIL; a script must guard its top level with ``if __name__ ==
+            "__main__":``) or ``"auto"`` (processes for runs of 256+ images: the CLI's
+            default).
         writers: shards written at once; results wait when all are busy (backpressure).
         shard_index, num_shards: this machine takes the shards at positions
             ``p % num_shards == shard_index``.
@@ -50,7 +60,7 @@ class RunSettings:
 
     concurrency: int = 32
     workers: int | None = None
-    pool: str = "auto"
+    pool: str = "thread"
     writers: int = 2
     shard_index: int = 0
     num_shards: int = 1
@@ -91,6 +101,7 @@ class EncodeSettings:
         shard_size: items per loose shard (a WebDataset input tar is one shard of its own).
         format: ``"safetensors"``, ``"webdataset"`` or ``"parquet"`` (🤗 datasets-loadable).
         max_pixels: largest source image, checked from its header before decoding.
+        resample: ``"lanczos"`` (default), ``"bicubic"`` or ``"bilinear"`` (fastest).
     """
 
     resolution: tuple[int, int] = (512, 512)
@@ -103,9 +114,12 @@ class EncodeSettings:
     shard_size: int = 1000
     format: str = "safetensors"
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    resample: str = "lanczos"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "resolution", parse_resolution(self.resolution))
+        if self.resample not in RESAMPLE:
+            raise InputError(f"resample={self.resample!r} must be one of {', '.join(RESAMPLE)}")
         for name, value, allowed in (
             ("crop", self.crop, CROP_MODES), ("alpha", self.alpha, ALPHA_MODES),
             ("dtype", self.dtype, LATENT_DTYPES), ("wire_dtype", self.wire_dtype, WIRE_DTYPES),
