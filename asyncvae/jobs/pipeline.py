@@ -139,6 +139,7 @@ async def run_pipeline(
             guard.record(True, reason)
 
     touched: list[Unit] = []
+    stopping: list[JobAborted] = []  # set on an abort: feed stops, in-flight results drain
     try:
         for run in runs:
             sent: collections.deque[tuple[Unit, int]] = collections.deque()
@@ -195,6 +196,8 @@ async def run_pipeline(
                             if unit.remaining == 0:
                                 await write(unit)
                             continue
+                        if stopping:
+                            return
                         sent.append((unit, slot))
                         summary.sent += 1
                         yield value
@@ -205,20 +208,7 @@ async def run_pipeline(
 
             many = client.encode_many if settings.direction == "encode" else client.decode_many
             async with contextlib.aclosing(many(feed(), ordered=True, on_error="yield", **run.options)) as results:
-                async for r in results:
-                    unit, slot = sent.popleft()
-                    if isinstance(r, ItemError):
-                        fatal = fatal_reason(r.error, unit.label(slot))
-                        if fatal:
-                            raise JobAborted(fatal)
-                        account(unit, slot, r.error)
-                    else:
-                        account(unit, slot, None, r)
-                        room = getattr(unit, "wait_room", None)
-                        if room is not None:
-                            await room()
-                    if unit.remaining == 0:
-                        await write(unit)
+                await _consume(results, sent, account, write, stopping)
         if writers:
             await asyncio.gather(*list(writers))
         check_writers()
@@ -235,3 +225,54 @@ async def run_pipeline(
     finally:
         if writers:
             await asyncio.gather(*list(writers), return_exceptions=True)
+
+
+#: How long an aborting job waits for the requests already in flight (so that every
+#: answer is taken, and none is left unretrieved in the engine).
+DRAIN_SECONDS = 5.0
+
+
+async def _consume(
+    results: Any,
+    sent: collections.deque[tuple[Unit, int]],
+    account: Callable[..., None],
+    write: Callable[[Unit], Any],
+    stopping: list[JobAborted],
+) -> None:
+    """Match results to slots and account them. On an abort (401/403/404, the failure
+    guard, a model mismatch) intake stops at once; the answers already under way are
+    taken for up to :data:`DRAIN_SECONDS` (not accounted), then the abort is raised."""
+    deadline: float | None = None
+    loop = asyncio.get_running_loop()
+    it = results.__aiter__()
+    while True:
+        try:
+            if deadline is None:
+                r = await it.__anext__()
+            else:
+                r = await asyncio.wait_for(it.__anext__(), max(0.0, deadline - loop.time()))
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            break
+        unit, slot = sent.popleft()
+        if stopping:
+            continue
+        try:
+            if isinstance(r, ItemError):
+                fatal = fatal_reason(r.error, unit.label(slot))
+                if fatal:
+                    raise JobAborted(fatal)
+                account(unit, slot, r.error)
+            else:
+                account(unit, slot, None, r)
+                room = getattr(unit, "wait_room", None)
+                if room is not None:
+                    await room()
+            if unit.remaining == 0:
+                await write(unit)
+        except JobAborted as e:
+            stopping.append(e)
+            deadline = loop.time() + DRAIN_SECONDS
+    if stopping:
+        raise stopping[0]
