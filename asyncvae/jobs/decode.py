@@ -201,7 +201,7 @@ _pt_lock = threading.Lock()
 def _pq_latents(path: str) -> Any:
     import pyarrow.parquet as pq
 
-    return pq.read_table(path, columns=["latent"]).column("latent")
+    return pq.ParquetFile(path).read(columns=["latent"]).column("latent")
 
 
 def load_latent(loc: tuple[str, str, Any]) -> torch.Tensor:

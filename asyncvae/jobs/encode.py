@@ -84,6 +84,7 @@ class _Context:
         self.dtype = _TORCH_DTYPES[enc.dtype]
         self.model_checked = False
         self.wrong_model = False
+        self.manifest: _ManifestSave
         self.summary_lock = threading.Lock()
         self.meta = {
             "format": "pt",
@@ -115,6 +116,33 @@ class _Context:
             M.record_model(self.store, self.job, model)
         self.meta["latent_channels"] = str(model["latent_channels"])
         self.model_checked = True
+
+
+class _ManifestSave:
+    """Saves a new shard plan in a thread while the job gets going (it is off the
+    critical path of an extending run); shards wait for it before they are written."""
+
+    def __init__(self, store: Storage, plan: M.Manifest | None) -> None:
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        if plan is None:
+            self.done.set()
+            return
+
+        def save() -> None:
+            try:
+                M.save_manifest(store, plan)
+            except BaseException as e:
+                self.error = e
+            finally:
+                self.done.set()
+
+        threading.Thread(target=save, name="asyncvae-manifest", daemon=True).start()
+
+    def wait(self) -> None:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
 
 
 class _Shard:
@@ -226,6 +254,7 @@ class _Shard:
         """Write data, index, then (only when complete) the marker."""
         if self.ctx.wrong_model:
             return
+        self.ctx.manifest.wait()  # no shard before the plan it belongs to is on disk
         store, fmt = self.ctx.store, self.ctx.enc.format
         store.remove(M.marker_name(self.name))
         ok = sum(r["status"] == "ok" for r in self.rows)
@@ -353,8 +382,7 @@ async def _encode(ins: list[Any], store: Storage, urls: list[str], client: Clien
 
     old = None if rs.overwrite else await asyncio.to_thread(M.load_manifest, store)
     plan = M.plan_shards(listing.items, listing.units, enc.shard_size, old)
-    if old is None or not plan.same_plan(old):
-        await asyncio.to_thread(M.save_manifest, store, plan)
+    manifest_saved = _ManifestSave(store, plan if old is None or not plan.same_plan(old) else None)
     if rs.overwrite and rs.shard_index == 0:
         await asyncio.to_thread(_remove_stale, store, plan, enc.format)
     known = {it.key for it in listing.items}
@@ -366,6 +394,7 @@ async def _encode(ins: list[Any], store: Storage, urls: list[str], client: Clien
     mine = [plan.shards[p] for p in range(rs.shard_index, len(plan.shards), rs.num_shards)]
     summary = JobSummary(out=str(store), items=sum(len(s.keys) for s in mine), endpoint=",".join(ident))
     ctx = _Context(store, enc, rs, job, summary, log)
+    ctx.manifest = manifest_saved
     by_key = {it.key: it for it in listing.items}
     failures: list[dict[str, Any]] = []
     units: list[_Shard] = []
@@ -407,8 +436,11 @@ async def _encode(ins: list[Any], store: Storage, urls: list[str], client: Clien
     failures.extend({"key": None, "source": where, "shard": None, "class": "input", "kind": "listing", "reason": what}
                     for where, what in listing.problems)
 
-    if units:
-        await _run(ctx, client, urls, units, todo, summary, rs, procs)
+    try:
+        if units:
+            await _run(ctx, client, urls, units, todo, summary, rs, procs)
+    finally:
+        await asyncio.to_thread(manifest_saved.wait)
     for unit in units:
         failures.extend(_failure_rows(unit.name, unit.rows))
     _write_failures(store, rs, failures, summary)

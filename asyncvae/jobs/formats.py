@@ -61,31 +61,26 @@ def index_name(shard: str) -> str:
     return shard + ".parquet"
 
 
-def _schema() -> Any:
-    import pyarrow as pa
-
-    return pa.schema([
-        ("key", pa.string()), ("source", pa.string()), ("status", pa.string()),
-        ("error_class", pa.string()), ("error_kind", pa.string()), ("error", pa.string()),
-        ("width", pa.int32()), ("height", pa.int32()), ("crop", pa.list_(pa.float64())),
-        ("shape", pa.list_(pa.int32())), ("caption", pa.string()), ("json", pa.string()),
-        ("cls", pa.string()), ("extra", pa.string()),
-    ])
-
-
 def index_rows_to_table(rows: Sequence[dict[str, Any]], meta: dict[str, str] | None = None) -> Any:
-    """A pyarrow table of index rows (fixed schema, ``meta`` as schema metadata)."""
+    """A pyarrow table of index rows (fixed columns, ``meta`` as schema metadata)."""
     import pyarrow as pa
 
-    schema = _schema()
-    cols: dict[str, list[Any]] = {c: [] for c in INDEX_COLUMNS}
-    for r in rows:
-        for c in INDEX_COLUMNS:
-            v = r.get(c)
-            if c == "extra" and isinstance(v, dict):
-                v = json.dumps(v, ensure_ascii=False, sort_keys=True) if v else None
-            cols[c].append(v)
-    table = pa.table(cols, schema=schema)
+    from . import _arrow as A
+
+    def col(name: str) -> list[Any]:
+        return [r.get(name) for r in rows]
+
+    extra = [json.dumps(v, ensure_ascii=False, sort_keys=True) if isinstance(v, dict) and v else
+             (v if isinstance(v, str) else None) for v in col("extra")]
+    arrays = {
+        "key": A.strings(col("key")), "source": A.strings(col("source")), "status": A.strings(col("status")),
+        "error_class": A.strings(col("error_class")), "error_kind": A.strings(col("error_kind")),
+        "error": A.strings(col("error")), "width": A.ints(col("width")), "height": A.ints(col("height")),
+        "crop": A.float_lists(col("crop")), "shape": A.int_lists(col("shape")),
+        "caption": A.strings(col("caption")), "json": A.strings(col("json")), "cls": A.strings(col("cls")),
+        "extra": A.strings(extra),
+    }
+    table = pa.Table.from_arrays([arrays[c] for c in INDEX_COLUMNS], names=list(INDEX_COLUMNS))
     if meta:
         table = table.replace_schema_metadata({k: str(v) for k, v in meta.items()})
     return table
@@ -98,7 +93,7 @@ def _latent_array(latents: Sequence[torch.Tensor | None]) -> Any:
     if len(shapes) > 1:
         raise InputError(f"latents of one shard differ in shape ({sorted(shapes)}); parquet needs one shape")
     if not shapes:
-        return pa.nulls(len(latents))
+        return pa.nulls(len(latents))  # (an all-failed shard)
     shape = shapes.pop()
     dtype = next(t.dtype for t in latents if t is not None)
     if dtype == torch.bfloat16:
@@ -108,11 +103,15 @@ def _latent_array(latents: Sequence[torch.Tensor | None]) -> Any:
     for i, t in enumerate(latents):
         if t is not None:
             filled[i] = t.numpy()
-    arr: Any = pa.array(filled.reshape(-1), type=pa.from_numpy_dtype(np_dtype))
+    from . import _arrow as A
+
+    flat = np.ascontiguousarray(filled).reshape(-1)
+    arr: Any = pa.Array.from_buffers(pa.from_numpy_dtype(np_dtype), flat.size, [None, pa.py_buffer(flat.tobytes())])
     for n in reversed(shape[1:]):
         arr = pa.FixedSizeListArray.from_arrays(arr, n)
-    mask = pa.array([t is None for t in latents])
-    return pa.FixedSizeListArray.from_arrays(arr, shape[0], mask=mask)
+    if all(t is not None for t in latents):
+        return pa.FixedSizeListArray.from_arrays(arr, shape[0])
+    return pa.FixedSizeListArray.from_arrays(arr, shape[0], mask=A.bools([t is None for t in latents]))
 
 
 def _parquet_bytes(table: Any) -> bytes:
@@ -218,7 +217,7 @@ def read_index(data: bytes) -> list[dict[str, Any]]:
     """Index rows of an index (or ``parquet`` shard) file's bytes."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(io.BytesIO(data), columns=list(INDEX_COLUMNS))
+    table = pq.ParquetFile(io.BytesIO(data)).read(columns=list(INDEX_COLUMNS))  # (read_table imports pandas)
     return table.to_pylist()
 
 
@@ -247,7 +246,7 @@ def read_latents(data: bytes, fmt: str) -> dict[str, torch.Tensor]:
         return out
     import pyarrow.parquet as pq
 
-    table = pq.read_table(io.BytesIO(data), columns=["key", "latent"])
+    table = pq.ParquetFile(io.BytesIO(data)).read(columns=["key", "latent"])
     out = {}
     for key, lat in zip(table.column("key").to_pylist(), table.column("latent").to_pylist(), strict=True):
         if lat is not None:

@@ -159,9 +159,12 @@ class Manifest:
     def to_bytes(self) -> bytes:
         import pyarrow as pa
 
-        names, keys = [], []
-        for s in self.shards:
-            names.extend([s.name] * len(s.keys))
+        from . import _arrow as A
+
+        codes: list[int] = []
+        keys: list[str] = []
+        for i, s in enumerate(self.shards):
+            codes.extend([i] * len(s.keys))
             keys.extend(s.keys)
         meta = {
             "asyncvae_manifest": json.dumps({
@@ -170,7 +173,9 @@ class Manifest:
                            for s in self.shards],
             }),
         }
-        table = pa.table({"shard": pa.array(names, pa.string()).dictionary_encode(), "key": pa.array(keys, pa.string())})
+        # built from buffers: pa.array() would import pandas (~0.3-1 s) just to look for it
+        shard = pa.DictionaryArray.from_arrays(A.ints(codes), A.strings([s.name for s in self.shards]))
+        table = pa.Table.from_arrays([shard, A.strings(keys)], names=["shard", "key"])
         table = table.replace_schema_metadata(meta)
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
