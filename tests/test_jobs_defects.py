@@ -185,7 +185,7 @@ def test_decode_never_writes_outside_out(tmp_path: Path, srv, capsys):
     z = torch.zeros(4, 2, 2)
     save_file({"../../evil_st": z.clone(), "/tmp/abs_evil": z.clone(), "fine": z.clone()}, str(src / "a.safetensors"),
               metadata={"asyncvae_version": "0.1.0"})
-    torch.save({"../evil_pt": z.clone(), "ok": z.clone()}, src / "b.pt")
+    torch.save({"../evil_pt": z.clone(), "/abs_pt": z.clone(), "ok": z.clone()}, src / "b.pt")
     with tarfile.open(src / "c.tar", "w") as tf:
         buf = io.BytesIO()
         np.save(buf, z.numpy())
@@ -200,7 +200,7 @@ def test_decode_never_writes_outside_out(tmp_path: Path, srv, capsys):
     assert leaked == []
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["b/ok.png", "fine.png", "good.png"]
     fails = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
-    assert len(fails) == 4 and all(f["class"] == "input" and "unsafe name" in f["reason"] for f in fails)
+    assert len(fails) == 5 and all(f["class"] == "input" and "unsafe name" in f["reason"] for f in fails)
 
 
 def test_storage_checks_every_name(tmp_path: Path):

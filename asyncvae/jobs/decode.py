@@ -131,6 +131,11 @@ def _sibling_meta(path: Path) -> dict[str, str]:
         return {}
 
 
+def _join(rel: str, name: str) -> str:
+    """``rel/name``, except that an absolute ``name`` stays absolute (and is refused)."""
+    return name if name.startswith("/") else f"{rel}/{name}"
+
+
 def _entries(path: Path, rel: str) -> tuple[list[tuple[str, str, Any]], dict[str, str]]:
     """(raw key, source, locator) of every latent of a file, and its metadata. Raises
     :class:`InputError` with a one-line reason for a malformed file."""
@@ -149,13 +154,13 @@ def _entries(path: Path, rel: str) -> tuple[list[tuple[str, str, Any]], dict[str
             return [(n, f"{path.name}#{n}", ("st", str(path), n)) for n in names], meta
         if len(names) == 1:
             return [(rel, path.name, ("st", str(path), names[0]))], meta
-        return [(f"{rel}/{n}", f"{path.name}#{n}", ("st", str(path), n)) for n in names], meta
+        return [(_join(rel, n), f"{path.name}#{n}", ("st", str(path), n)) for n in names], meta
     if suffix in (".pt", ".pth"):
         obj = _load_pt(str(path))
         if isinstance(obj, torch.Tensor):
             return [(rel, path.name, ("pt", str(path), None))], {}
         if isinstance(obj, dict):
-            return [(f"{rel}/{k}", f"{path.name}#{k}", ("pt", str(path), k))
+            return [(_join(rel, str(k)), f"{path.name}#{k}", ("pt", str(path), k))
                     for k, v in obj.items() if isinstance(v, torch.Tensor)], {}
         raise InputError(f"{path.name}: holds a {type(obj).__name__}, not a tensor or a dict of tensors")
     if suffix == ".tar":

@@ -33,8 +33,11 @@ __all__ = [
 
 BUILTIN = "builtin"
 #: Statuses that end a job at once: the endpoint will not serve anything.
-FATAL_STATUSES = {401: "unauthorized: check the token (HF_TOKEN)", 403: "forbidden: the token has no access to this endpoint",
-                  404: "not found: check the endpoint URL (its path is used as given)"}
+FATAL_STATUSES = {
+    401: ("Unauthorized", "check the token (HF_TOKEN)"),
+    403: ("Forbidden", "the token has no access to this endpoint"),
+    404: ("Not Found", "check the endpoint URL (its path is used as given)"),
+}
 
 NO_ENDPOINT = (
     "no endpoint: pass --endpoint URL (your VAE endpoint; repeat it for replicas), or "
@@ -103,7 +106,8 @@ def fatal_reason(e: BaseException, where: str) -> str | None:
     """A one-line reason to abort the whole job for this error, or ``None``."""
     status = getattr(e, "status", None)
     if isinstance(e, (EndpointError, RetryExhausted)) and status in FATAL_STATUSES:
-        return f"the endpoint answered HTTP {status} ({FATAL_STATUSES[status]}) for {where}; nothing more was sent"
+        name, hint = FATAL_STATUSES[status]
+        return f"the endpoint answered HTTP {status} {name} for {where}: {hint}; nothing more was sent"
     return None
 
 
