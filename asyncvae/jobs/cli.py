@@ -106,11 +106,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
                    help="read timeout of one attempt (default: 120)")
     g.add_argument("--workers", type=_positive_int, default=None, metavar="N",
-                   help="preprocessing workers (default: the CPUs this process may use, "
-                   "os.sched_getaffinity)")
-    g.add_argument("--pool", choices=("auto", "process", "thread"), default="auto",
-                   help="preprocessing in worker processes (every CPU, no GIL) or threads; auto "
-                   "(default): processes for 256+ images to prepare")
+                   help="encode: image preprocessing workers; decode: image-writing threads "
+                   "(default: the CPUs this process may use, os.sched_getaffinity)")
     r = p.add_argument_group("run")
     mode = r.add_mutually_exclusive_group()
     mode.add_argument("--resume", dest="overwrite", action="store_false",
@@ -157,6 +154,9 @@ def register(subparsers: Any) -> None:
                    "none: resize to exactly the resolution")
     g.add_argument("--alpha", choices=ALPHA_MODES, default="white",
                    help="transparent images: composite on white (default) or black, or drop alpha")
+    g.add_argument("--pool", choices=("auto", "process", "thread"), default="auto",
+                   help="preprocess in worker processes (every CPU, no GIL) or threads; auto "
+                   "(default): processes when 256+ images are to be prepared")
     g.add_argument("--resample", choices=tuple(RESAMPLE), default="lanczos",
                    help="resampling filter: lanczos (default, sharpest), bicubic, bilinear (fastest; "
                    "what diffusers' training scripts use)")
@@ -219,7 +219,7 @@ def _client_opts(args: argparse.Namespace) -> dict[str, Any]:
         "max_failure_rate": args.max_failure_rate,
         "shard_index": args.shard_index,
         "num_shards": args.num_shards,
-        "pool": args.pool,
+        "pool": getattr(args, "pool", "thread"),
     }
 
 
