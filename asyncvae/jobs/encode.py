@@ -37,7 +37,15 @@ from ..errors import InputError
 from . import manifest as M
 from .accounting import FailureGuard, JobSummary, Progress, failures_text
 from .endpoint import JobAborted, endpoint_identity, open_client, resolve_endpoints
-from .formats import data_name, index_name, read_index, read_latents, write_index, write_shard
+from .formats import (
+    FORMATS,
+    data_name,
+    index_name,
+    read_index,
+    read_latents,
+    write_index,
+    write_shard,
+)
 from .pipeline import PipelineSettings, Run, run_pipeline
 from .prep import (
     PROCESS_MIN_ITEMS,
@@ -48,14 +56,12 @@ from .prep import (
     start_processes,
     thread_pool,
 )
-from .settings import EncodeSettings, RunSettings, split_kwargs
+from .settings import LATENT_DTYPES, EncodeSettings, RunSettings, split_kwargs
 from .sources import Item, check_inputs, scan_inputs
 from .storage import Storage
 
 __all__ = ["FORMATS", "LATENT_DTYPES", "encode_dataset", "encode_dataset_async"]
 
-from .formats import FORMATS
-from .settings import LATENT_DTYPES
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

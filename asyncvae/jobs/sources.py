@@ -38,7 +38,6 @@ import csv
 import hashlib
 import os
 import re
-import stat
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -452,10 +451,3 @@ def select_shards(n_shards: int, shard_size: int = 1, shard_index: int = 0, num_
         raise InputError(f"--shard-index {shard_index} must be in [0, --num-shards {num_shards})")
     total = -(-n_shards // shard_size)
     return list(range(shard_index, total, num_shards))
-
-
-def is_regular_file(path: str) -> bool:  # pragma: no cover - helper kept small
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
-        return False
