@@ -240,7 +240,9 @@ def test_overwrite_with_fewer_inputs_removes_stale_shards(tmp_path: Path, srv):
     assert _enc(src, out, srv.url, shard_size=3).shards_written == 3
     for p in sorted(src.glob("*.png"))[4:]:
         p.unlink()
+    (out / "notes.parquet").write_bytes(b"not ours")  # a user's file is never removed
     s = _enc(src, out, srv.url, shard_size=3, overwrite=True)
+    assert (out / "notes.parquet").read_bytes() == b"not ours"
     assert s.ok == 4 and s.shards_written == 2
     assert sorted(p.name for p in out.glob("shard-*")) == [
         "shard-00000.parquet", "shard-00000.safetensors", "shard-00000_stats.json",

@@ -388,9 +388,9 @@ async def _encode(ins: list[Any], store: Storage, urls: list[str], client: Clien
 
     old = None if rs.overwrite else await asyncio.to_thread(M.load_manifest, store)
     plan = M.plan_shards(listing.items, listing.units, enc.shard_size, old)
-    manifest_saved = _ManifestSave(store, plan if old is None or not plan.same_plan(old) else None)
     if rs.overwrite and rs.shard_index == 0:
-        await asyncio.to_thread(_remove_stale, store, plan, enc.format)
+        await asyncio.to_thread(_remove_stale, store, plan)  # reads the previous manifest first
+    manifest_saved = _ManifestSave(store, plan if old is None or not plan.same_plan(old) else None)
     known = {it.key for it in listing.items}
     gone = sum(1 for s in plan.shards for k in s.keys if k not in known)
     if gone:
@@ -498,18 +498,21 @@ async def _run(ctx: _Context, client: Client | None, urls: list[str], units: lis
         await go(c)
 
 
-def _remove_stale(store: Storage, plan: M.Manifest, fmt: str) -> None:
-    """--overwrite: remove the files of shards the new plan no longer has."""
+def _remove_stale(store: Storage, plan: M.Manifest) -> None:
+    """--overwrite: remove the files of shards the new plan no longer has — shards of the
+    previous manifest, and ``shard-NNNNN`` files; never other files in ``--out``."""
+    try:
+        previous = M.load_manifest(store)
+    except InputError:
+        previous = None
+    known = {s.name for s in previous.shards} if previous else set()
     planned = {s.name for s in plan.shards}
     suffixes = (".safetensors", ".tar", ".parquet", "_stats.json")
     for name in store.listdir():
-        if name in (M.JOB_FILE, M.MANIFEST_FILE) or name.startswith("."):
-            continue
         for suf in suffixes:
             if name.endswith(suf):
                 base = name[: -len(suf)]
-                if base not in planned and (M._LOOSE.match(base) or store.exists(M.marker_name(base))
-                                            or store.exists(base + ".parquet")):
+                if base not in planned and (base in known or M._LOOSE.match(base)):
                     store.remove(name)
                 break
 
