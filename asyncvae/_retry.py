@@ -162,6 +162,18 @@ class RetryPolicy:
             return e.status in self.config.statuses
         return isinstance(e, AsyncVAEError) and e.retryable
 
+    def decide(self, error: BaseException, attempts: int, ctx: CallContext) -> float | None:
+        """One decision, for callers that drive their own attempts (the load tester
+        records each one): after ``error`` ended attempt number ``attempts``, the
+        seconds to wait before the next attempt, or ``None`` to give up. The same
+        ``retry``, ``stop`` and ``wait`` strategies :meth:`run` uses."""
+        state = RetryCallState(self._template, None, (ctx,), {})
+        state.attempt_number = attempts
+        state.set_exception((type(error), error, error.__traceback__))
+        if not self.retry(state) or self.stop(state):
+            return None
+        return self.wait(state)
+
     def context(self, timeout: float | None) -> CallContext:
         """A fresh :class:`CallContext` whose deadline is ``timeout`` seconds away."""
         return CallContext(None if timeout is None else self.clock() + timeout)

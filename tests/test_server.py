@@ -23,91 +23,18 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from server_helpers import (
+    assert_json_error,
+    decode_params,
+    post_decode,
+    post_encode,
+    read_tensor,
+)
 
 from asyncvae import protocol as P
 from asyncvae.errors import InputError
 from asyncvae.server import BuiltinVAE, Faults, LocalServer, ServerConfig, load_model
 from asyncvae.server.model import interpolate_latent_frames, unpack_latents
-
-# --------------------------------------------------------------------------- helpers
-
-
-def decode_params(
-    shape: Any,
-    dtype: str,
-    output_type: str = "pt",
-    partial_postprocess: bool = False,
-    image_format: str = "jpg",
-    **extra: Any,
-) -> list[tuple[str, str]]:
-    """Query parameters in the reference client's order."""
-    p = [
-        ("image_format", image_format),
-        ("output_type", output_type),
-        ("partial_postprocess", str(partial_postprocess)),
-    ]
-    p += [("shape", str(s)) for s in shape]
-    p.append(("dtype", dtype))
-    p += [(k, str(v)) for k, v in extra.items()]
-    return p
-
-
-def accept_for(output_type: str, image_format: str = "jpg", processor: bool = False) -> str:
-    if output_type == "pil" and not processor:
-        return P.CONTENT_TYPE_JPEG if image_format == "jpg" else P.CONTENT_TYPE_PNG
-    if output_type == "mp4":
-        return P.CONTENT_TYPE_MP4
-    return P.CONTENT_TYPE_TENSOR
-
-
-def post_decode(
-    url: str,
-    latents: torch.Tensor,
-    output_type: str = "pt",
-    partial_postprocess: bool = False,
-    image_format: str = "jpg",
-    processor: bool = False,
-    accept: str | None = None,
-    **extra: Any,
-) -> requests.Response:
-    params = decode_params(
-        latents.shape, P.dtype_name(latents.dtype), output_type, partial_postprocess, image_format, **extra
-    )
-    headers = {
-        "Content-Type": P.CONTENT_TYPE_TENSOR,
-        "Accept": accept or accept_for(output_type, image_format, processor),
-    }
-    return requests.post(url, params=params, data=bytes(P.tensor_body(latents)), headers=headers, timeout=30)
-
-
-def post_encode(url: str, data: Any, **params: Any) -> requests.Response:
-    """Encode a tensor (with shape/dtype params) or raw image bytes (no Content-Type)."""
-    q: list[tuple[str, str]] = [(k, str(v)) for k, v in params.items()]
-    if isinstance(data, torch.Tensor):
-        q += [("shape", str(s)) for s in data.shape] + [("dtype", P.dtype_name(data.dtype))]
-        data = bytes(P.tensor_body(data))
-    return requests.post(url, params=q, data=data, timeout=30)
-
-
-def read_tensor(resp: requests.Response) -> torch.Tensor:
-    """The tensor of a response, checked against its shape/dtype headers."""
-    assert resp.status_code == 200, resp.text
-    h = resp.headers
-    assert h["Content-Type"] == P.CONTENT_TYPE_TENSOR
-    shape = json.loads(h["shape"])
-    dtype = P.DTYPES[h["dtype"]]
-    assert len(resp.content) == math.prod(shape) * dtype.itemsize
-    return torch.frombuffer(bytearray(resp.content), dtype=dtype).reshape(shape)
-
-
-def assert_json_error(resp: requests.Response, status: int, *fragments: str) -> str:
-    assert resp.status_code == status, resp.text
-    assert resp.headers["Content-Type"].startswith(P.CONTENT_TYPE_JSON)
-    msg = resp.json()["error"]
-    assert isinstance(msg, str) and msg
-    for frag in fragments:
-        assert frag.lower() in msg.lower(), msg
-    return msg
 
 
 def png_bytes(img: np.ndarray) -> bytes:
@@ -395,9 +322,9 @@ def test_output_over_max_output_pixels_is_413(make_server: Any) -> None:
 
 
 def test_mp4_without_av_is_400(server: LocalServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    from asyncvae.server import app
+    from asyncvae.server import codec
 
-    monkeypatch.setattr(app, "_mp4_available", lambda: False)
+    monkeypatch.setattr(codec, "mp4_available", lambda: False)
     r = post_decode(server.url, torch.zeros(1, 16, 2, 2, 2), "mp4")
     assert r.status_code == 400
     assert r.json() == {"error": "mp4 output needs the 'av' package: pip install asyncvae[video]"}
@@ -561,7 +488,8 @@ def test_chunked_responses(make_server: Any) -> None:
     torch.testing.assert_close(t, BuiltinVAE().decode(torch.zeros(1, 4, 32, 32)))
 
 
-def test_set_faults_over_http(server: LocalServer) -> None:
+def test_set_faults_over_http(make_server: Any) -> None:
+    server = make_server(admin=True)
     r = requests.post(server.url + "faults", json={"fault_503": 1.0}, timeout=5)
     assert r.status_code == 200 and r.json()["fault_503"] == 1.0
     assert post_decode(server.url, torch.zeros(1, 4, 2, 2)).status_code == 503
@@ -711,5 +639,18 @@ def test_serve_help_lists_flags() -> None:
         "--host", "--port", "--model", "--replicas", "--latent-channels", "--cache", "--delay-ms",
         "--delay-per-item-ms", "--fault-503", "--fault-429", "--retry-after", "--fault-reset",
         "--fault-truncate", "--fault-stall", "--fault-bad-headers", "--fault-502-html", "--chunked", "--seed",
+        "--device", "--dtype", "--tiling", "--slicing", "--max-batch", "--batch-wait-ms", "--max-queue",
+        "--busy-retry-after", "--token", "--token-file", "--admin", "--drain-timeout", "--access-log",
+        "--reuse-port", "--max-body-bytes", "--max-output-pixels",
     ):
         assert flag in text
+    cfg = cli.config_from_args(parser.parse_args(
+        ["serve", "--max-batch", "8", "--batch-wait-ms", "5", "--max-queue", "0", "--dtype", "bf16",
+         "--device", "cuda:1", "--admin", "--drain-timeout", "3", "--token", "t0k"]))
+    assert (cfg.max_batch, cfg.batch_wait_ms, cfg.max_queue, cfg.dtype, cfg.device) == (8, 5, 0, "bf16", "cuda:1")
+    assert cfg.admin_enabled and cfg.drain_timeout == 3 and cfg.token == "t0k" and "t0k" not in repr(cfg)
+    assert not cli.config_from_args(parser.parse_args(["serve"])).admin_enabled
+    assert cli.config_from_args(parser.parse_args(["serve", "--fault-503", "0"])).admin_enabled
+    for bad in (["--max-batch", "0"], ["--device", "gpu"], ["--dtype", "fp8"], ["--replicas", "0"]):
+        with pytest.raises((SystemExit, InputError)):
+            cli.config_from_args(parser.parse_args(["serve", *bad]))

@@ -4,7 +4,7 @@ Honest latency at a fixed arrival rate: the open loop sends on a schedule and
 measures each request from its *scheduled* time (coordinated-omission corrected,
 like wrk2), so queueing delay at the endpoint shows up; the closed loop
 (``concurrency``) is there for comparison. Figures live in HdrHistograms and merge
-exactly across generator processes.
+exactly across generator processes and machines (``merge_reports``).
 
 ::
 
@@ -12,40 +12,68 @@ exactly across generator processes.
 
     report = run(LoadSpec("http://127.0.0.1:8000/", rate=100, duration=10, warmup=1.0),
                  thresholds=[parse_threshold("p99<250ms")])
-    print(report.text()); report.p99_ms; report.achieved_rate; report.data  # JSON document
+    print(report.text()); report.p99_ms; report.ok_rate; report.data  # JSON document
 
 ``await run_async(spec)`` inside an event loop. See docs/loadtest.md.
 """
 
 from __future__ import annotations
 
-from .engine import Answer, Clock, InvalidAnswer, LoopClock, MonotonicClock, Recorder, Sender
+from .engine import Answer, ClientSideError, Clock, InvalidAnswer, LoopClock, MonotonicClock, Sender
+from .findmax import step_verdict
+from .http import BodyCheck, validate_body
+from .merge import load_report, merge_reports
+from .recorder import Recorder
 from .report import SCHEMA, Report, Threshold, parse_threshold
-from .runner import ProgressCallback, open_arrivals, run, run_async
-from .schedule import arrival_times
-from .spec import PRESETS, FindMaxSpec, LoadSpec, Stage, build_request, parse_ramp
+from .requests import RequestPlan, build_plans, build_request
+from .resolution import Resolution, parse_resolution
+from .runner import ProgressCallback, run, run_async
+from .schedule import Schedule, arrival_times
+from .spec import (
+    PRESETS,
+    FindMaxSpec,
+    LoadSpec,
+    MixEntry,
+    Stage,
+    load_mix,
+    parse_ramp,
+    parse_warmup,
+)
 
 __all__ = [
     "PRESETS",
     "SCHEMA",
     "Answer",
+    "BodyCheck",
+    "ClientSideError",
     "Clock",
     "FindMaxSpec",
     "InvalidAnswer",
     "LoadSpec",
     "LoopClock",
+    "MixEntry",
     "MonotonicClock",
     "ProgressCallback",
     "Recorder",
     "Report",
+    "RequestPlan",
+    "Resolution",
+    "Schedule",
     "Sender",
     "Stage",
     "Threshold",
     "arrival_times",
+    "build_plans",
     "build_request",
-    "open_arrivals",
+    "load_mix",
+    "load_report",
+    "merge_reports",
     "parse_ramp",
+    "parse_resolution",
     "parse_threshold",
+    "parse_warmup",
     "run",
     "run_async",
+    "step_verdict",
+    "validate_body",
 ]

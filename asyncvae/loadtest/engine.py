@@ -1,38 +1,40 @@
 """The load generator's core: send requests on a schedule (open loop) or from a fixed
-number of workers (closed loop), and record what happened.
+number of workers (closed loop), and record what happened in a
+:class:`~asyncvae.loadtest.recorder.Recorder`.
 
-It knows nothing about HTTP: a *sender* is an ``async () -> Answer`` that raises an
-:class:`~asyncvae.AsyncVAEError` for a failed attempt, and a *clock* gives the time
-and sleeps. Tests drive it with a simulated endpoint on a virtual-time loop
-(:mod:`asyncvae.loadtest.sim`); :mod:`asyncvae.loadtest.runner` plugs in
-``transport.exchange``.
+It knows nothing about HTTP: a *sender* is an ``async (plan) -> Answer`` that raises
+an :class:`~asyncvae.AsyncVAEError` for a failed attempt, and a *clock* gives the
+time and sleeps. Tests drive it with a simulated endpoint on a virtual-time loop
+(:mod:`asyncvae.loadtest.sim`); :mod:`asyncvae.loadtest.http` is the HTTP sender.
 
 Open-loop latency is measured from the time each request was *scheduled* to be sent,
 not from when it actually went out (the coordinated-omission correction of wrk2): a
 stalled endpoint or a generator that falls behind shows up as latency, not as fewer
-samples. How late each send was is recorded too (the ``lag`` histogram).
+samples. How late each send was is recorded too (the ``lag`` histogram), and
+whether it waited for the in-flight cap (``capped``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
+import contextlib
 import random
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
-from hdrh.histogram import HdrHistogram
-
 from ..config import Retry
 from ..errors import AsyncVAEError, EndpointError
 from ..errors import error_kind as _error_kind
+from .hist import new_histogram
+from .policy import RetryState, make_policy, next_retry
+from .recorder import Recorder
+from .requests import Mixer, RequestPlan
 
 __all__ = [
     "Answer",
+    "ClientSideError",
     "Clock",
     "InvalidAnswer",
     "LoopClock",
@@ -45,65 +47,8 @@ __all__ = [
     "new_histogram",
 ]
 
-#: Histogram range: 1 µs .. 1 hour, 3 significant digits (values in microseconds).
-HIST_ARGS = (1, 3_600_000_000, 3)
-US = 1_000_000
-
-
-def new_histogram() -> HdrHistogram:
-    """An empty latency histogram (microseconds, 1 µs to 1 h, 3 significant digits)."""
-    return HdrHistogram(*HIST_ARGS)
-
-
-def _counts(h: HdrHistogram) -> np.ndarray:
-    return np.ctypeslib.as_array(h.counts)[: h.counts_len]
-
-
-def percentile(h: HdrHistogram, p: float) -> int:
-    """``h.get_value_at_percentile(p)`` (same result) in a few µs instead of ms (numpy)."""
-    total = h.get_total_count()
-    if not total:
-        return 0
-    target = h.get_target_count_at_percentile(p)
-    cum = np.cumsum(_counts(h))
-    idx = int(np.searchsorted(cum, target, side="left"))
-    idx = min(idx, h.counts_len - 1)
-    v = h.get_value_from_index(idx)
-    return int(h.get_highest_equivalent_value(v) if p else h.get_lowest_equivalent_value(v))
-
-
-def mean_stdev(h: HdrHistogram) -> tuple[float, float]:
-    """Mean and standard deviation of ``h`` (as hdrh computes them, but vectorised)."""
-    counts = _counts(h)
-    idx = np.nonzero(counts)[0]
-    if not len(idx):
-        return 0.0, 0.0
-    median_equiv = getattr(h, "_hdr_median_equiv_value", None)
-    if median_equiv is None:  # pragma: no cover - other hdrh versions
-        return float(h.get_mean_value()), float(h.get_stddev())
-    vals = np.array([median_equiv(h.get_value_from_index(int(i))) for i in idx], dtype=np.float64)
-    c = counts[idx].astype(np.float64)
-    n = c.sum()
-    mean = float((vals * c).sum() / n)
-    return mean, float(np.sqrt(((vals - mean) ** 2 * c).sum() / n))
-
-
-def _us(seconds: float) -> int:
-    return min(max(1, round(seconds * US)), HIST_ARGS[1])
-
-
-def encode_histogram(h: HdrHistogram) -> str:
-    """A histogram as an ASCII string (HdrHistogram's compressed base64 format)."""
-    raw = h.encode()
-    return raw.decode("ascii") if isinstance(raw, bytes) else str(raw)
-
-
-def decode_histogram(text: str) -> HdrHistogram:
-    """The inverse of :func:`encode_histogram` (an empty string is an empty histogram)."""
-    h = new_histogram()
-    if text:
-        h.decode_and_add(text.encode("ascii") if isinstance(text, str) else text)
-    return h
+#: Seconds a Ctrl-C'd run keeps waiting for answers already in flight.
+INTERRUPT_DRAIN = 2.0
 
 
 class Clock(Protocol):
@@ -147,329 +92,139 @@ class Answer:
     bytes_in: int = 0
 
 
-Sender = Callable[[], Awaitable[Answer]]
+#: ``async (plan) -> Answer``: one attempt of the request ``plan``.
+Sender = Callable[[RequestPlan], Awaitable[Answer]]
 
 
 class InvalidAnswer(AsyncVAEError):
     """A 2xx answer that is not what the request asked for (wrong shape, not an image)."""
 
 
+class ClientSideError(AsyncVAEError):
+    """A failure of the load generator itself, not of the endpoint: ``kind`` is
+    ``client_fd_limit`` (out of file descriptors) or ``client_ports`` (out of local
+    ports)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
 def error_kind(e: BaseException) -> str:
-    """The bucket an error is counted in: ``http_503``, ``timeout``, ``connection``,
-    ``tls``, ``protocol``, ``invalid_response``, ``unfinished`` or ``exception_<Type>``."""
+    """The bucket an error is counted in: :func:`asyncvae.errors.error_kind`'s words
+    (``http_503``, ``timeout``, ``connection``, ``tls``, ``protocol``,
+    ``exception_<Type>``, ...) plus ``invalid_response`` and the generator's own
+    ``client_fd_limit`` / ``client_ports``."""
     if isinstance(e, InvalidAnswer):
         return "invalid_response"
+    if isinstance(e, ClientSideError):
+        return e.kind
     return _error_kind(e)
 
 
-def _retryable(e: BaseException, retry: Retry) -> bool:
+def status_of(e: BaseException) -> int | None:
+    """The HTTP status that came with a failed attempt, if one came."""
     if isinstance(e, EndpointError):
-        return e.status in retry.statuses
-    return bool(getattr(e, "retryable", False))
+        return e.status
+    return getattr(e, "answered_status", None)
 
 
-# --------------------------------------------------------------------------- recording
-
-
-class Interval:
-    """Figures of one timeline interval (by scheduled time)."""
-
-    __slots__ = ("errors", "hist", "ok", "sent")
-
-    def __init__(self) -> None:
-        self.hist = new_histogram()
-        self.sent = 0
-        self.ok = 0
-        self.errors = 0
-
-
-class Recorder:
-    """Everything measured in one run (or merged from several workers' runs).
-
-    Histograms (microseconds): ``latency`` (successful requests, from the scheduled
-    time; unfinished ones add their age as a lower bound), ``service`` (from the actual
-    send, all attempts: what a closed-loop tool would report), ``ttfb`` (first byte,
-    from the scheduled time), ``error_latency`` (failed requests), ``lag`` (actual send
-    minus scheduled time). Only measured (post-warmup) requests are recorded, except
-    ``warmup`` which counts the others.
-    """
-
-    def __init__(self, *, interval: float = 1.0, late_threshold: float = 0.005, origin: float = 0.0):
-        self.interval = interval
-        self.late_threshold = late_threshold
-        #: clock time that relative times count from (the run's start)
-        self.origin = origin
-        self.latency = new_histogram()
-        self.service = new_histogram()
-        self.ttfb = new_histogram()
-        self.error_latency = new_histogram()
-        self.lag = new_histogram()
-        self.scheduled = 0
-        self.sent = 0
-        self.ok = 0
-        self.failed = 0
-        self.unfinished = 0
-        self.warmup = 0
-        self.late = 0
-        self.attempts = 0
-        self.statuses: Counter[str] = Counter()
-        self.errors: Counter[str] = Counter()
-        self.retries: Counter[str] = Counter()
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.in_flight = 0
-        self.peak_in_flight = 0
-        #: relative times (seconds from ``origin``) of measured activity
-        self.first_scheduled: float | None = None
-        self.first_send: float | None = None
-        self.last_send: float | None = None
-        self.last_done: float | None = None
-        self.timeline: dict[int, Interval] = {}
-        #: per worker: sent, late, lag histogram (filled when merging worker runs)
-        self.workers: list[dict[str, Any]] = []
-
-    # ---- events
-    def _interval(self, due_rel: float) -> Interval:
-        i = math.floor(due_rel / self.interval) if due_rel >= 0 else 0
-        iv = self.timeline.get(i)
-        if iv is None:
-            iv = self.timeline[i] = Interval()
-        return iv
-
-    def on_schedule(self, due_rel: float, measured: bool) -> None:
-        if measured:
-            self.scheduled += 1
-            if self.first_scheduled is None or due_rel < self.first_scheduled:
-                self.first_scheduled = due_rel
-
-    def on_send(self, due_rel: float, sent_rel: float, measured: bool) -> None:
-        if not measured:
-            self.warmup += 1
-            return
-        self.sent += 1
-        lag = max(0.0, sent_rel - due_rel)
-        self.lag.record_value(_us(lag))
-        if lag > self.late_threshold:
-            self.late += 1
-        if self.first_send is None:
-            self.first_send = sent_rel
-        self.last_send = sent_rel if self.last_send is None else max(self.last_send, sent_rel)
-        self._interval(due_rel).sent += 1
-
-    def on_attempt(self, nbytes_out: int, measured: bool) -> None:
-        if measured:
-            self.attempts += 1
-            self.bytes_out += nbytes_out
-
-    def on_status(self, status: int | str, measured: bool) -> None:
-        if measured:
-            self.statuses[str(status)] += 1
-
-    def on_retry(self, kind: str, measured: bool) -> None:
-        if measured:
-            self.retries[kind] += 1
-
-    def _done(self, done_rel: float) -> None:
-        self.last_done = done_rel if self.last_done is None else max(self.last_done, done_rel)
-
-    def on_ok(self, due_rel: float, sent_rel: float, first_byte_rel: float, done_rel: float,
-              nbytes_in: int, measured: bool) -> None:
-        if not measured:
-            return
-        self.ok += 1
-        self.bytes_in += nbytes_in
-        v = _us(done_rel - due_rel)
-        self.latency.record_value(v)
-        self.service.record_value(_us(done_rel - sent_rel))
-        self.ttfb.record_value(_us(first_byte_rel - due_rel))
-        iv = self._interval(due_rel)
-        iv.ok += 1
-        iv.hist.record_value(v)
-        self._done(done_rel)
-
-    def on_error(self, kind: str, due_rel: float, done_rel: float, measured: bool) -> None:
-        if not measured:
-            return
-        self.failed += 1
-        self.errors[kind] += 1
-        self.error_latency.record_value(_us(done_rel - due_rel))
-        self._interval(due_rel).errors += 1
-        self._done(done_rel)
-
-    def on_unfinished(self, due_rel: float, now_rel: float, measured: bool) -> None:
-        """A request still unanswered when the run stopped waiting: an error of kind
-        ``unfinished`` whose age so far enters ``latency`` as a lower bound."""
-        if not measured:
-            return
-        self.unfinished += 1
-        self.failed += 1
-        self.errors["unfinished"] += 1
-        v = _us(now_rel - due_rel)
-        self.latency.record_value(v)
-        iv = self._interval(due_rel)
-        iv.errors += 1
-        iv.hist.record_value(v)
-
-    # ---- live view
-    def progress(self) -> dict[str, Any]:
-        """A cheap snapshot for progress lines."""
-        return {
-            "sent": self.sent,
-            "ok": self.ok,
-            "failed": self.failed,
-            "in_flight": self.in_flight,
-            "late": self.late,
-            "warmup": self.warmup,
-            "p50_us": percentile(self.latency, 50),
-            "p99_us": percentile(self.latency, 99),
-        }
-
-    # ---- transfer between processes and merging
-    def to_partial(self) -> dict[str, Any]:
-        """A JSON/pickle-able dump of every figure (histograms HdrHistogram-encoded)."""
-        return {
-            "interval": self.interval,
-            "late_threshold": self.late_threshold,
-            "hist": {n: encode_histogram(getattr(self, n)) for n in _HISTS},
-            "counts": {n: getattr(self, n) for n in _COUNTS},
-            "counters": {n: dict(getattr(self, n)) for n in _COUNTERS},
-            "times": {n: getattr(self, n) for n in _TIMES},
-            "timeline": {
-                str(i): [encode_histogram(iv.hist), iv.sent, iv.ok, iv.errors] for i, iv in self.timeline.items()
-            },
-            "workers": self.workers,
-        }
-
-    @classmethod
-    def from_partial(cls, data: dict[str, Any]) -> Recorder:
-        """The inverse of :meth:`to_partial`."""
-        r = cls(interval=data["interval"], late_threshold=data["late_threshold"])
-        for n in _HISTS:
-            setattr(r, n, decode_histogram(data["hist"][n]))
-        for n in _COUNTS:
-            setattr(r, n, data["counts"][n])
-        for n in _COUNTERS:
-            setattr(r, n, Counter(data["counters"][n]))
-        for n in _TIMES:
-            setattr(r, n, data["times"][n])
-        for i, (h, sent, ok, errors) in data["timeline"].items():
-            iv = Interval()
-            iv.hist, iv.sent, iv.ok, iv.errors = decode_histogram(h), sent, ok, errors
-            r.timeline[int(i)] = iv
-        r.workers = list(data.get("workers", []))
-        return r
-
-    def worker_summary(self, index: int) -> dict[str, Any]:
-        """How well this (one worker's) generator kept to its schedule."""
-        return {
-            "worker": index,
-            "sent": self.sent,
-            "late": self.late,
-            "lag_p99_ms": percentile(self.lag, 99) / 1000,
-            "lag_max_ms": self.lag.get_max_value() / 1000 if self.sent else 0.0,
-            "peak_in_flight": self.peak_in_flight,
-        }
-
-    @classmethod
-    def merge(cls, parts: Iterable[Recorder]) -> Recorder:
-        """One recorder holding all of ``parts`` (histograms added exactly)."""
-        parts = list(parts)
-        if not parts:
-            return cls()
-        out = cls(interval=parts[0].interval, late_threshold=parts[0].late_threshold)
-        for k, p in enumerate(parts):
-            for n in _HISTS:
-                getattr(out, n).add(getattr(p, n))
-            for n in _COUNTS:
-                if n == "peak_in_flight":
-                    out.peak_in_flight += p.peak_in_flight  # peaks of concurrent workers add up (upper bound)
-                else:
-                    setattr(out, n, getattr(out, n) + getattr(p, n))
-            for n in _COUNTERS:
-                getattr(out, n).update(getattr(p, n))
-            for n, pick in (("first_scheduled", min), ("first_send", min), ("last_send", max), ("last_done", max)):
-                a, b = getattr(out, n), getattr(p, n)
-                setattr(out, n, b if a is None else a if b is None else pick(a, b))
-            for i, iv in p.timeline.items():
-                o = out.timeline.get(i)
-                if o is None:
-                    o = out.timeline[i] = Interval()
-                o.hist.add(iv.hist)
-                o.sent += iv.sent
-                o.ok += iv.ok
-                o.errors += iv.errors
-            out.workers.extend(p.workers or [p.worker_summary(k)])
-        return out
-
-
-_HISTS = ("latency", "service", "ttfb", "error_latency", "lag")
-_COUNTS = ("scheduled", "sent", "ok", "failed", "unfinished", "warmup", "late", "attempts",
-           "bytes_in", "bytes_out", "peak_in_flight")
-_COUNTERS = ("statuses", "errors", "retries")
-_TIMES = ("first_scheduled", "first_send", "last_send", "last_done")
-
-
-# --------------------------------------------------------------------------- driving
+# --------------------------------------------------------------------------- one request
 
 
 class _Driver:
-    def __init__(self, send: Sender, rec: Recorder, clock: Clock, retry: Retry | None,
-                 nbytes_out: int, rng: random.Random):
+    """Sends one request with its retries and records every outcome. Open-loop
+    requests run as tasks registered in ``tasks`` (by key) until they end; whoever
+    waits for a free in-flight slot sets ``waiting`` and waits on ``room``."""
+
+    def __init__(self, send: Sender, rec: Recorder, clock: Clock, retry: Retry | None, rng: random.Random):
         self.send = send
         self.rec = rec
         self.clock = clock
-        self.retry = retry
-        self.nbytes_out = nbytes_out
-        self.rng = rng
-        self.origin = rec.origin
+        self.policy = make_policy(retry, clock, rng)
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.room = asyncio.Event()
+        self.waiting = False
 
-    async def one(self, due: float, measured: bool) -> None:
-        """Send one request (with retries), record it; ``in_flight`` was already counted."""
-        rec, clock, o = self.rec, self.clock, self.origin
+    async def one(self, due: float, sent: float, measured: bool, plan: RequestPlan, key: int = -1) -> None:
+        """Send ``plan`` (due at ``due``, sent at ``sent``), retry per the policy, record;
+        ``in_flight`` was already counted."""
+        rec, o = self.rec, self.rec.origin
+        now_ = self.clock.now
         due_rel = due - o
-        sent = clock.now()
-        rec.on_send(due_rel, sent - o, measured)
-        attempt = 0
+        state: RetryState | None = None
+        label = plan.label
         try:
             while True:
-                attempt += 1
-                t_att = clock.now()
-                rec.on_attempt(self.nbytes_out, measured)
+                t_att = now_()
                 try:
-                    ans = await self.send()
-                except asyncio.CancelledError:
+                    ans = await self.send(plan)
+                except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
                     raise
                 except Exception as e:
                     kind = error_kind(e)
-                    status = getattr(e, "status", None) if isinstance(e, EndpointError) else None
-                    if status is not None:
-                        rec.on_status(status, measured)
-                    r = self.retry
-                    if r is not None and attempt < r.attempts and _retryable(e, r):
-                        rec.on_retry(kind, measured)
-                        await clock.sleep(r.wait_for(attempt, getattr(e, "retry_after", None), self.rng))
-                        continue
-                    rec.on_error(kind, due_rel, clock.now() - o, measured)
+                    status = status_of(e)
+                    rec.on_attempt(status, status is not None or kind == "timeout", plan.nbytes, measured)
+                    if self.policy is not None:
+                        state = state or RetryState()
+                        state.attempts += 1
+                        wait = next_retry(self.policy, e, state)
+                        if wait is not None:
+                            rec.on_retry(kind, measured)
+                            await self.clock.sleep(wait)
+                            continue
+                    rec.on_error(kind, due_rel, now_() - o, measured, status is not None, label)
                     return
-                rec.on_status(ans.status, measured)
-                now = clock.now()
-                rec.on_ok(due_rel, sent - o, t_att + ans.ttfb - o, now - o, ans.bytes_in, measured)
+                now = now_()
+                rec.on_ok(due_rel, sent - o, t_att + ans.ttfb - o, now - o, ans.bytes_in, measured, label,
+                          ans.status, plan.nbytes)
                 return
         except asyncio.CancelledError:
-            rec.on_unfinished(due_rel, clock.now() - o, measured)
+            rec.on_unfinished(due_rel, now_() - o, measured, label)
             raise
         finally:
             rec.in_flight -= 1
+            if key >= 0:
+                self.tasks.pop(key, None)
+                if self.waiting:
+                    self.room.set()
 
 
-async def _drain(tasks: set[asyncio.Task[None]], timeout: float | None) -> None:
+async def _drain(tasks: dict[int, asyncio.Task[None]], timeout: float | None) -> None:
     if not tasks:
         return
-    _, pending = await asyncio.wait(set(tasks), timeout=timeout)
+    _, pending = await asyncio.wait(list(tasks.values()), timeout=timeout)
     for t in pending:
         t.cancel()
     if pending:
         await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def _run_until_stopped(work: Awaitable[None], stop: asyncio.Event | None) -> bool:
+    """Run ``work``; cancel it when ``stop`` is set first. True when it was stopped."""
+    task = asyncio.ensure_future(work)
+    if stop is None:
+        await task
+        return False
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if task.done():
+        task.result()
+        return False
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return True
+
+
+def _wall_epoch(clock: Clock, at: float) -> float:
+    return time.time() - (clock.now() - at)
+
+
+# --------------------------------------------------------------------------- open loop
 
 
 async def drive_open(
@@ -478,49 +233,111 @@ async def drive_open(
     rec: Recorder,
     *,
     clock: Clock,
+    plans: tuple[RequestPlan, ...],
     retry: Retry | None = None,
-    nbytes_out: int = 0,
     max_inflight: int = 10_000,
     drain_timeout: float | None = None,
+    stop: asyncio.Event | None = None,
     rng: random.Random | None = None,
 ) -> None:
     """Open loop: send one request at each scheduled time of ``arrivals`` (``(offset
-    seconds, measured)`` pairs), whatever is still in flight, and wait for the answers.
+    seconds, measured)`` pairs; a :class:`~asyncvae.loadtest.schedule.Schedule`
+    also gives the measured window), whatever is still in flight, and wait for the
+    answers.
 
     Latency counts from the scheduled time. A send that can't go out on time (the
     loop was busy, or ``max_inflight`` requests are out) goes as soon as it can and is
-    recorded as late. Answers still missing ``drain_timeout`` s after the last send
-    are cancelled and counted as ``unfinished``.
+    recorded as late (and as capped when it waited for the cap). Answers still
+    missing ``drain_timeout`` s after the last send are cancelled and counted as
+    ``unfinished``. When ``stop`` is set the schedule stops at once, answers in flight
+    get :data:`INTERRUPT_DRAIN` s more, and the recorder is marked ``interrupted``.
     """
     start = clock.now()
     rec.origin = start
-    drv = _Driver(send, rec, clock, retry, nbytes_out, rng or random.Random(0))
-    tasks: set[asyncio.Task[None]] = set()
-    room = asyncio.Event()
+    rec.origin_epoch = _wall_epoch(clock, start)
+    drv = _Driver(send, rec, clock, retry, rng or random.Random(0))
+    mixer = Mixer(plans)
+    tasks = drv.tasks
+    loop = asyncio.get_running_loop()
+    timer: list[asyncio.TimerHandle] = []
 
-    def finished(t: asyncio.Task[None]) -> None:
-        tasks.discard(t)
-        room.set()
+    def window_end_at(end_rel: float) -> None:
+        delay = start + end_rel - clock.now()
+        if delay <= 0:
+            rec.on_window_end()
+        else:
+            timer.append(loop.call_later(delay, rec.on_window_end))
 
-    try:
-        for offset, measured in arrivals:
+    planned = getattr(arrivals, "planned_end", None)
+    end_rel = planned() if planned is not None else None
+    if end_rel is not None:
+        window_end_at(end_rel)
+
+    async def feed() -> None:
+        now, sleep, one, create_task = clock.now, clock.sleep, drv.one, loop.create_task
+        for key, (offset, measured) in enumerate(arrivals, 1):
             due = start + offset
             rec.on_schedule(offset, measured)
-            delay = due - clock.now()
+            delay = due - now()
             if delay > 0:
-                await clock.sleep(delay)
+                await sleep(delay)
+            capped = False
             while rec.in_flight >= max_inflight:
-                room.clear()
-                await room.wait()
+                capped = drv.waiting = True
+                drv.room.clear()
+                await drv.room.wait()
+                drv.waiting = False
+            plan = mixer.next()
+            sent = now()
+            rec.on_send(offset, sent - start, measured, capped, plan.label)
             rec.in_flight += 1
-            rec.peak_in_flight = max(rec.peak_in_flight, rec.in_flight)
-            t = asyncio.ensure_future(drv.one(due, measured))
-            tasks.add(t)
-            t.add_done_callback(finished)
-        await _drain(tasks, drain_timeout)
+            if rec.in_flight > rec.peak_in_flight:
+                rec.peak_in_flight = rec.in_flight
+            tasks[key] = create_task(one(due, sent, measured, plan, key))
+
+    try:
+        stopped = await _run_until_stopped(feed(), stop)
+        window = getattr(arrivals, "window", None)
+        if window is not None:
+            rec.window_start, rec.window_end = window
+        if stopped:
+            _interrupted(rec, clock.now() - start)
+        elif end_rel is None and rec.window_end is not None:
+            window_end_at(rec.window_end)
+        await _drain_or_stop(tasks, INTERRUPT_DRAIN if stopped else drain_timeout, stop, rec, clock)
     finally:
         if tasks:
             await _drain(tasks, 0)
+        for h in timer:
+            h.cancel()
+        rec.on_window_end()
+        rec.finish()
+
+
+def _interrupted(rec: Recorder, now_rel: float) -> None:
+    rec.interrupted = True
+    if rec.window_start is None:
+        rec.window_start = 0.0
+    if rec.window_end is None or rec.window_end > now_rel:
+        rec.window_end = max(rec.window_start, now_rel)
+    rec.on_window_end()
+
+
+async def _drain_or_stop(tasks: dict[int, asyncio.Task[None]], timeout: float | None, stop: asyncio.Event | None,
+                         rec: Recorder, clock: Clock) -> None:
+    """Wait for the answers in flight (up to ``timeout``); a stop cuts that to
+    :data:`INTERRUPT_DRAIN` seconds."""
+    if not tasks:
+        return
+    if stop is None or stop.is_set():
+        await _drain(tasks, timeout)
+        return
+    if await _run_until_stopped(_drain(tasks, timeout), stop):
+        _interrupted(rec, clock.now() - rec.origin)
+        await _drain(tasks, INTERRUPT_DRAIN)
+
+
+# --------------------------------------------------------------------------- closed loop
 
 
 async def drive_closed(
@@ -529,48 +346,85 @@ async def drive_closed(
     rec: Recorder,
     *,
     clock: Clock,
+    plans: tuple[RequestPlan, ...],
     duration: float | None,
     requests: int | None,
-    warmup: float | int = 0.0,
+    warmup: float = 0.0,
+    warmup_requests: int = 0,
     retry: Retry | None = None,
-    nbytes_out: int = 0,
+    stop: asyncio.Event | None = None,
     rng: random.Random | None = None,
 ) -> None:
     """Closed loop: ``concurrency`` workers each send the next request when their last
     one finished (latency from the actual send; there is no schedule to be late for).
 
-    Runs ``warmup`` (seconds, or requests when an int) first, then ``duration``
-    seconds and/or ``requests`` measured requests.
+    Runs ``warmup`` seconds or ``warmup_requests`` requests first, then ``duration``
+    seconds and/or ``requests`` measured requests. The measured window runs from the
+    first measured send for ``duration`` seconds (or to the last answer).
     """
     start = clock.now()
     rec.origin = start
-    drv = _Driver(send, rec, clock, retry, nbytes_out, rng or random.Random(0))
-    warm_n = warmup if isinstance(warmup, int) else 0
-    warm_s = float(warmup) if not isinstance(warmup, int) else 0.0
-    stop_at = start + warm_s + duration if duration is not None else None
-    issued = 0
-    measured_issued = 0
-    warm_until: float | None = None  # end of a count-based warmup, for the time limit
+    rec.origin_epoch = _wall_epoch(clock, start)
+    drv = _Driver(send, rec, clock, retry, rng or random.Random(0))
+    mixer = Mixer(plans)
+    st: dict[str, Any] = {"issued": 0, "measured": 0, "warm_until": None,
+                          "stop_at": start + warmup + duration if duration is not None and not warmup_requests else None}
+
+    def next_request() -> bool | None:
+        """Whether the next request is measured; None: stop issuing."""
+        now = clock.now()
+        if st["stop_at"] is not None and now >= st["stop_at"]:
+            return None
+        measured = st["issued"] >= warmup_requests and now - start >= warmup
+        if measured and requests is not None and st["measured"] >= requests:
+            return None
+        st["issued"] += 1
+        if measured:
+            if st["warm_until"] is None:
+                st["warm_until"] = now
+                rec.window_start = now - start
+                if duration is not None:
+                    st["stop_at"] = now + duration
+                    rec.window_end = rec.window_start + duration
+            st["measured"] += 1
+        return measured
 
     async def worker() -> None:
-        nonlocal issued, measured_issued, warm_until, stop_at
         while True:
+            measured = next_request()
+            if measured is None:
+                return
             now = clock.now()
-            if stop_at is not None and now >= stop_at:
-                return
-            measured = issued >= warm_n and now - start >= warm_s
-            if measured and requests is not None and measured_issued >= requests:
-                return
-            issued += 1
-            if measured:
-                if warm_until is None:
-                    warm_until = now
-                    if warm_n and duration is not None:
-                        stop_at = now + duration
-                measured_issued += 1
+            plan = mixer.next()
             rec.on_schedule(now - start, measured)
+            rec.on_send(now - start, now - start, measured, False, plan.label)
             rec.in_flight += 1
             rec.peak_in_flight = max(rec.peak_in_flight, rec.in_flight)
-            await drv.one(now, measured)
+            await drv.one(now, now, measured, plan)
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    workers = asyncio.gather(*(worker() for _ in range(concurrency)))
+    try:
+        if stop is None:
+            await workers
+        else:
+            waiter = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({workers, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if workers.done():
+                workers.result()
+            else:  # stopped: issue nothing more, let what is out finish briefly
+                st["stop_at"] = clock.now()
+                if duration is not None:
+                    _interrupted(rec, clock.now() - start)
+                else:
+                    rec.interrupted = True
+                await asyncio.wait({workers}, timeout=INTERRUPT_DRAIN)
+    finally:
+        if not workers.done():
+            workers.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await workers
+        if duration is None or rec.window_end is None:
+            rec.window_end = rec.last_done if rec.last_done is not None else rec.window_start
+        rec.on_window_end()
+        rec.finish()

@@ -1,9 +1,12 @@
-"""Run a :class:`~asyncvae.loadtest.spec.LoadSpec`: one process or ``workers`` processes,
-one load model or a ``find_max`` search, and return a :class:`~asyncvae.loadtest.report.Report`.
+"""Run a :class:`~asyncvae.loadtest.spec.LoadSpec`: one process or ``workers`` processes
+(kept alive across the steps of a ``find_max`` search), and return a
+:class:`~asyncvae.loadtest.report.Report`.
 
-Requests go out through :func:`asyncvae.transport.exchange` over one session from
-:func:`asyncvae.transport.make_session` per process, with a connection limit as large
-as ``max_inflight`` — no client queue sits between the schedule and the socket.
+Requests go out through :class:`~asyncvae.loadtest.http.HttpSender` (one pooled
+session per process, its connection limit the in-flight cap — no client queue sits
+between the schedule and the socket). A stop event (Ctrl-C in the CLI) ends the
+schedule, lets answers in flight finish briefly, and the report is marked
+``interrupted``.
 """
 
 from __future__ import annotations
@@ -12,38 +15,37 @@ import asyncio
 import contextlib
 import datetime as _dt
 import multiprocessing
-import os
 import queue as queue_module
 import random
-from collections.abc import Callable, Iterator, Sequence
+import signal
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from .. import transport
-from ..config import Retry
+from hdrh.histogram import HdrHistogram
+
 from ..errors import InputError
-from .engine import (
-    Answer,
-    Clock,
-    InvalidAnswer,
-    MonotonicClock,
-    Recorder,
-    Sender,
-    drive_closed,
-    drive_open,
-)
+from .engine import Clock, MonotonicClock, Sender, drive_closed, drive_open
+from .fdlimit import inflight_cap
+from .hist import LIVE_ARGS, add_encoded, reset_histogram
+from .recorder import Recorder
 from .report import Report, Threshold, build_report
-from .schedule import arrival_times, expected_count, with_warmup
-from .spec import LoadSpec, RequestPlan, build_request, check_answer
+from .requests import build_plans, describe_plans
+from .schedule import Schedule, measured_window, warmup_seconds
+from .spec import LoadSpec
 
-__all__ = ["ProgressCallback", "run", "run_async"]
+__all__ = ["ProgressCallback", "effective_workers", "run", "run_async", "target_rate", "worker_share"]
 
-#: ``progress(snapshot)``: called about twice a second with running figures
-#: (``elapsed``, ``sent``, ``ok``, ``failed``, ``in_flight``, ``late``, ``p50_us``,
-#: ``p99_us``, ``target``, ``phase``).
+#: ``progress(snapshot)``: called about twice a second with running figures:
+#: ``elapsed``, cumulative ``sent`` / ``ok`` / ``failed`` / ``late`` / ``capped`` /
+#: ``warmup``, ``in_flight``, ``live`` (an HdrHistogram of the ok answers since the
+#: previous call, µs; reused, so read it during the call), ``target`` (rate), ``expected`` (measured requests, or None),
+#: ``phase`` (e.g. a find-max step).
 ProgressCallback = Callable[[dict[str, Any]], None]
 
 PROGRESS_EVERY = 0.5
-MAX_RESPONSE_BYTES = 4 << 30
+#: Seconds between handing a run to the worker processes and its synchronised start.
+SYNC_DELAY = 0.5
 
 
 def _now_iso() -> str:
@@ -61,271 +63,313 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 # --------------------------------------------------------------------------- plans
 
 
-def _split(n: int | None, k: int, workers: int) -> int | None:
-    if n is None:
-        return None
-    return n // workers + (1 if k < n % workers else 0)
-
-
-def _worker_spec(spec: LoadSpec, k: int, workers: int) -> LoadSpec:
-    """Worker ``k`` of ``workers``: its share of the rate, concurrency and requests."""
-    if workers == 1:
-        return spec
-    ch: dict[str, Any] = {"requests": _split(spec.requests, k, workers)}
-    if spec.rate is not None:
-        ch["rate"] = spec.rate / workers
-    if spec.stages:
-        ch["stages"] = tuple(s.scaled(1 / workers) for s in spec.stages)
+def effective_workers(spec: LoadSpec) -> int:
+    """Generator processes a run uses: ``workers``, but never more than there are
+    requests or closed-loop slots to share (``--requests 3 --workers 4`` sends 3)."""
+    n = spec.workers
+    if spec.requests is not None:
+        n = min(n, spec.requests)
     if spec.concurrency is not None:
-        ch["concurrency"] = max(1, _split(spec.concurrency, k, workers) or 0)
-    if isinstance(spec.warmup, int) and spec.warmup:
-        if spec.concurrency is not None:
-            ch["warmup"] = _split(spec.warmup, k, workers) or 0
-        else:  # open loop: the whole generator's first `warmup` requests, as time
-            first = spec.schedule_stages()[0]
-            r = first.start_rate or first.end_rate
-            ch["warmup"] = float(spec.warmup / r) if r else 0.0
-    if ch.get("requests") == 0:
-        ch["requests"] = None if spec.duration is not None else 1
+        n = min(n, spec.concurrency)
+    return max(1, n)
+
+
+def _split(total: int, k: int, n: int) -> int:
+    return total // n + (1 if k < total % n else 0)
+
+
+def worker_share(spec: LoadSpec, k: int, n: int) -> LoadSpec:
+    """Worker ``k`` of ``n``: its share of the rate, concurrency, requests and warm-up.
+    An open-loop warm-up of N requests becomes the time the whole schedule takes to
+    send N (each worker replays that much of its own schedule)."""
+    ch: dict[str, Any] = {"workers": 1}
+    if spec.concurrency is None and spec.warmup_requests:
+        ch["warmup"] = warmup_seconds(spec.schedule_stages(), spec.warmup_requests)
+        ch["warmup_requests"] = 0
+    if n == 1:
+        return spec.replace(**ch)
+    if spec.requests is not None:
+        ch["requests"] = _split(spec.requests, k, n)
+    if spec.rate is not None:
+        ch["rate"] = spec.rate / n
+    if spec.stages:
+        ch["stages"] = tuple(s.scaled(1 / n) for s in spec.stages)
+    if spec.concurrency is not None:
+        ch["concurrency"] = _split(spec.concurrency, k, n)
+        ch["warmup_requests"] = _split(spec.warmup_requests, k, n)
     return spec.replace(**ch)
 
 
-def open_arrivals(spec: LoadSpec, *, phase: float = 0.0) -> Iterator[tuple[float, bool]]:
-    """``(offset, measured)`` of every open-loop send of ``spec`` (warm-up first)."""
-    stages = spec.schedule_stages()
-    first = stages[0].start_rate or stages[0].end_rate
-    if isinstance(spec.warmup, int):
-        warm_s = spec.warmup / first if (spec.warmup and first) else 0.0
-    else:
-        warm_s = float(spec.warmup)
-    # an int warmup is a request count; after the split across workers it becomes time
-    all_stages = with_warmup(stages, warm_s)
-    limit_time = warm_s + spec.duration if spec.duration is not None else None
-    n_warm = None
-    if spec.requests is not None:
-        n_warm = sum(1 for t in arrival_times(all_stages[:1], phase=phase) if t < warm_s) if warm_s else 0
-    limit_count = spec.requests + n_warm if spec.requests is not None and n_warm is not None else None
-    rng = random.Random(spec.seed + int(phase * 1_000_003))
-    eps = 1e-9
-    for t in arrival_times(all_stages, phase=phase, arrival=spec.arrival, rng=rng,
-                           limit_time=limit_time, limit_count=limit_count):
-        yield t, t >= warm_s - eps
+def schedule_of(share: LoadSpec, k: int, n: int) -> Schedule:
+    """The open-loop schedule of worker ``k`` of ``n`` (``share`` from :func:`worker_share`)."""
+    return Schedule(share.schedule_stages(), warmup=float(share.warmup), limit_time=share.duration,
+                    limit_count=share.requests, arrival=share.arrival, phase=k / n, seed=share.seed,
+                    rate_factor=n)
 
 
 def target_rate(spec: LoadSpec) -> float | None:
-    """The mean scheduled rate of the measured part (``None`` for a closed loop)."""
-    if spec.concurrency is not None:
+    """The mean scheduled rate of the measured window (``None`` for a closed loop): a
+    ramp cut short by ``duration`` counts only the part that runs."""
+    if spec.concurrency is not None or spec.find_max is not None:
         return None
-    if spec.stages:
-        total = sum(s.duration or 0.0 for s in spec.stages)
-        return expected_count(spec.stages) / total if total else None
-    return spec.rate
-
-
-# --------------------------------------------------------------------------- HTTP
-
-
-def http_sender(session: Any, spec: LoadSpec, plan: RequestPlan) -> Sender:
-    """A sender posting ``plan.request`` to ``spec.url`` with :func:`transport.exchange`
-    and checking the answer's shape or format (an invalid one raises :class:`InvalidAnswer`)."""
-    url = transport.parse_endpoint(spec.url)
-    token = spec.token if spec.token is not None else (os.environ.get("HF_TOKEN") or None)
-    credential = (transport.origin(url), f"Bearer {token}") if token else None
-    headers = dict(spec.headers)
-    timeout = transport.client_timeout(spec.connect_timeout, spec.timeout, spec.timeout)
-    req = plan.request
-
-    async def send() -> Answer:
-        reply = await transport.exchange(
-            session, url, req, headers=headers, credential=credential, timeout=timeout,
-            max_response_bytes=MAX_RESPONSE_BYTES,
-        )
-        why = check_answer(plan, reply.spec.shape if reply.spec is not None else None, reply.data)
-        if why:
-            raise InvalidAnswer(why)
-        return Answer(200, reply.ttfb, reply.bytes_in)
-
-    return send
+    seconds, count = measured_window(spec.schedule_stages(), spec.duration, spec.requests)
+    return count / seconds if seconds and seconds != float("inf") else spec.rate
 
 
 # --------------------------------------------------------------------------- one process
 
 
-async def _segment(
-    spec: LoadSpec,
-    *,
-    phase: float = 0.0,
-    send: Sender | None = None,
-    clock: Clock | None = None,
-    plan: RequestPlan | None = None,
-    tick: Callable[[Recorder, float], None] | None = None,
+async def _wait_until(epoch: float | None, stop: asyncio.Event | None) -> bool:
+    """Sleep until Unix time ``epoch``; False when stopped first."""
+    if epoch is None:
+        return True
+    delay = epoch - time.time()
+    if delay <= 0:
+        return True
+    if stop is None:
+        await asyncio.sleep(delay)
+        return True
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), delay)
+        return False
+    return True
+
+
+async def run_segment(
+    share: LoadSpec, k: int = 0, n: int = 1, *, send: Sender | None = None, clock: Clock | None = None,
+    tick: Callable[[Recorder, float], None] | None = None, stop: asyncio.Event | None = None,
+    start_at: float | None = None,
 ) -> Recorder:
-    """Run ``spec`` (one worker's share) in this event loop and return its recorder."""
+    """Run worker ``k`` of ``n`` (``share`` from :func:`worker_share`) in this event
+    loop and return its recorder."""
+    from .http import HttpSender
+
     clock = clock or MonotonicClock()
-    rec = Recorder(interval=spec.interval, late_threshold=spec.late_ms / 1000)
-    retry = Retry(attempts=spec.retries + 1) if spec.retries else None
-    rng = random.Random(spec.seed * 7919 + int(phase * 1_000_003))
-    session = None
+    plans = build_plans(share)
+    rec = Recorder(interval=share.interval, late_threshold=share.late_ms / 1000, labels=[p.label for p in plans])
+    rng = random.Random(share.seed * 7919 + k)
+    want = share.concurrency if share.concurrency is not None else share.max_inflight
+    sender: HttpSender | None = None
     if send is None:
-        plan = plan or build_request(spec)
-        session = transport.make_session(
-            limit=spec.max_inflight, limit_per_host=spec.max_inflight, keepalive_timeout=30.0
-        )
-        send = http_sender(session, spec, plan)
-    nbytes = plan.request.nbytes if plan is not None else 0
+        cap, reason = inflight_cap(want)
+        sender = HttpSender(share.url, connections=cap, timeout=share.timeout,
+                            connect_timeout=share.connect_timeout, token=share.token, headers=dict(share.headers))
+        send = sender
+    else:
+        cap, reason = want, "max_inflight"
+    rec.inflight_cap, rec.inflight_cap_reason = cap, reason
     ticker: asyncio.Task[None] | None = None
-    if tick is not None:
-        t0 = clock.now()
-
-        async def ticking() -> None:
-            while True:
-                await clock.sleep(PROGRESS_EVERY)
-                tick(rec, clock.now() - t0)
-
-        ticker = asyncio.ensure_future(ticking())
     try:
-        if spec.concurrency is not None:
-            await drive_closed(
-                spec.concurrency, send, rec, clock=clock, duration=spec.duration, requests=spec.requests,
-                warmup=spec.warmup, retry=retry, nbytes_out=nbytes, rng=rng,
-            )
+        if not await _wait_until(start_at, stop):
+            rec.interrupted = True
+            return rec
+        if tick is not None:
+            ticker = asyncio.ensure_future(_ticking(rec, clock, tick))
+        if share.concurrency is not None:
+            await drive_closed(min(share.concurrency, cap), send, rec, clock=clock, plans=plans,
+                               duration=share.duration, requests=share.requests, warmup=float(share.warmup),
+                               warmup_requests=share.warmup_requests, retry=share.retry_policy(), stop=stop, rng=rng)
         else:
-            await drive_open(
-                open_arrivals(spec, phase=phase), send, rec, clock=clock, retry=retry, nbytes_out=nbytes,
-                max_inflight=spec.max_inflight, drain_timeout=spec.drain_timeout, rng=rng,
-            )
+            await drive_open(schedule_of(share, k, n), send, rec, clock=clock, plans=plans,
+                             retry=share.retry_policy(), max_inflight=cap, drain_timeout=share.drain_timeout,
+                             stop=stop, rng=rng)
     finally:
         if ticker is not None:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
-        if session is not None:
-            await session.close()
+        if sender is not None:
+            await sender.close()
+    rec.workers = [rec.worker_summary(k)]
     return rec
 
 
-# --------------------------------------------------------------------------- worker processes
+async def _ticking(rec: Recorder, clock: Clock, tick: Callable[[Recorder, float], None]) -> None:
+    t0 = clock.now()
+    while True:
+        await clock.sleep(PROGRESS_EVERY)
+        tick(rec, clock.now() - t0)
 
 
-def _worker_main(spec: LoadSpec, k: int, workers: int, q: Any, barrier: Any) -> None:
-    """Entry point of generator process ``k``: run its share and send back its figures."""
-    try:
-        wspec = _worker_spec(spec, k, workers)
-        plan = build_request(wspec)
-    except Exception as e:  # report, don't hang the barrier
-        q.put(("error", k, f"{type(e).__name__}: {e}"))
-        barrier.abort()
-        return
-
-    def tick(rec: Recorder, elapsed: float) -> None:
-        snap = rec.progress()
-        snap["elapsed"] = elapsed
-        q.put(("progress", k, snap))
-
-    async def main() -> Recorder:
-        return await _segment(wspec, phase=k / workers, plan=plan, tick=tick)
-
-    try:
-        barrier.wait(60)
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            rec = runner.run(main())
-        rec.workers = [rec.worker_summary(k)]
-        q.put(("done", k, rec.to_partial()))
-    except Exception as e:
-        q.put(("error", k, f"{type(e).__name__}: {e}"))
+# --------------------------------------------------------------------------- generators
 
 
-async def _run_processes(spec: LoadSpec, tick: Callable[[dict[str, Any]], None] | None) -> Recorder:
-    n = spec.workers
-    ctx = multiprocessing.get_context("spawn")
-    q = ctx.Queue()
-    barrier = ctx.Barrier(n + 1)
-    procs = [ctx.Process(target=_worker_main, args=(spec, k, n, q, barrier), daemon=True) for k in range(n)]
-    for p in procs:
-        p.start()
-    loop = asyncio.get_running_loop()
-    parts: dict[int, Recorder] = {}
-    errors: list[str] = []
-    snaps: dict[int, dict[str, Any]] = {}
-    try:
+class LocalGenerator:
+    """Runs every load of a session in this process and event loop."""
+
+    def __init__(self, send: Sender | None, clock: Clock | None):
+        self.send = send
+        self.clock = clock
+        self.workers = 1
+
+    async def run(self, spec: LoadSpec, *, stop: asyncio.Event | None, emit: Callable[[dict[str, Any]], None] | None,
+                  start_at: float | None = None) -> Recorder:
+        share = worker_share(spec, 0, 1)
+        live = HdrHistogram(*LIVE_ARGS)  # reused: the callback reads it during the call only
+
+        def tick(rec: Recorder, elapsed: float) -> None:
+            assert emit is not None
+            snap = rec.progress()
+            add_encoded(reset_histogram(live), snap.pop("live"))
+            emit({**snap, "elapsed": elapsed, "live": live})
+
+        return await run_segment(share, send=self.send, clock=self.clock, tick=tick if emit else None,
+                                 stop=stop, start_at=start_at)
+
+    async def close(self) -> None:
+        return None
+
+
+def _worker_main(k: int, inbox: Any, outbox: Any, interrupt: Any) -> None:
+    """Entry point of generator process ``k``: run each load it is handed until told to quit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what a Ctrl-C does
+
+    async def one(share: LoadSpec, n: int, start_at: float) -> Recorder:
+        stop = asyncio.Event()
+
+        async def watch() -> None:
+            while not interrupt.is_set():
+                await asyncio.sleep(0.05)
+            stop.set()
+
+        def tick(rec: Recorder, elapsed: float) -> None:
+            outbox.put(("progress", k, {**rec.progress(), "elapsed": elapsed}))
+
+        watcher = asyncio.ensure_future(watch())
         try:
-            await loop.run_in_executor(None, barrier.wait, 120)
-        except Exception:
-            pass  # a worker aborted: its error is in the queue
+            return await run_segment(share, k, n, tick=tick, stop=stop, start_at=start_at)
+        finally:
+            watcher.cancel()
+
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        while True:
+            cmd = inbox.get()
+            if cmd is None:
+                return
+            share, n, start_at = cmd
+            try:
+                rec = runner.run(one(share, n, start_at))
+                outbox.put(("done", k, rec.to_partial()))
+            except BaseException as e:
+                outbox.put(("error", k, f"{type(e).__name__}: {e}"))
+
+
+class WorkerPool:
+    """``n`` generator processes (``spawn``), started once and kept across runs (the
+    steps of a find-max search); each run starts on all of them at one wall-clock time
+    so their interleaved schedules line up."""
+
+    def __init__(self, n: int):
+        self.workers = n
+        ctx = multiprocessing.get_context("spawn")
+        self._outbox = ctx.Queue()
+        self._inboxes = [ctx.Queue() for _ in range(n)]
+        self._interrupt = ctx.Event()
+        self._procs = [ctx.Process(target=_worker_main, args=(k, self._inboxes[k], self._outbox, self._interrupt),
+                                   daemon=True, name=f"asyncvae-loadtest-{k}") for k in range(n)]
+        for p in self._procs:
+            p.start()
+
+    async def run(self, spec: LoadSpec, *, stop: asyncio.Event | None, emit: Callable[[dict[str, Any]], None] | None,
+                  start_at: float | None = None) -> Recorder:
+        n = min(self.workers, effective_workers(spec))
+        self._interrupt.clear()
+        at = max(start_at or 0.0, time.time() + SYNC_DELAY)
+        for k in range(n):
+            self._inboxes[k].put((worker_share(spec, k, n), n, at))
+        watcher = asyncio.ensure_future(self._forward_stop(stop)) if stop is not None else None
+        try:
+            parts = await self._collect(n, emit)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        return Recorder.merge(parts[k] for k in sorted(parts))
+
+    async def _forward_stop(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._interrupt.set()
+
+    async def _collect(self, n: int, emit: Callable[[dict[str, Any]], None] | None) -> dict[int, Recorder]:
+        loop = asyncio.get_running_loop()
+        parts: dict[int, Recorder] = {}
+        errors: list[str] = []
+        snaps: dict[int, dict[str, Any]] = {}
+        live = HdrHistogram(*LIVE_ARGS)
+        last_emit = 0.0
         while len(parts) + len(errors) < n:
             try:
-                kind, k, payload = await loop.run_in_executor(None, q.get, True, 0.5)
+                kind, k, payload = await loop.run_in_executor(None, self._outbox.get, True, 0.25)
             except queue_module.Empty:
-                if not any(p.is_alive() for p in procs) and q.empty():
+                if not all(p.is_alive() for p in self._procs[:n]):
                     errors.append("a generator process died without a result")
                     break
                 continue
             if kind == "progress":
+                add_encoded(live, payload.pop("live"))
                 snaps[k] = payload
-                if tick is not None:
-                    tick(_merge_snaps(snaps))
+                if emit is not None and time.monotonic() - last_emit >= PROGRESS_EVERY:
+                    last_emit = time.monotonic()
+                    emit({**_sum_snaps(snaps), "live": live})
+                    reset_histogram(live)
             elif kind == "done":
                 parts[k] = Recorder.from_partial(payload)
             else:
                 errors.append(f"worker {k}: {payload}")
-    finally:
-        for p in procs:
-            p.join(5)
+        if errors:
+            raise InputError("load generator failed: " + "; ".join(errors))
+        return parts
+
+    async def close(self) -> None:
+        for q in self._inboxes:
+            with contextlib.suppress(Exception):
+                q.put(None)
+        loop = asyncio.get_running_loop()
+        for p in self._procs:
+            await loop.run_in_executor(None, p.join, 5)
             if p.is_alive():
                 p.kill()
-    if errors:
-        raise InputError("load generator failed: " + "; ".join(errors))
-    return Recorder.merge(parts[k] for k in sorted(parts))
 
 
-def _merge_snaps(snaps: dict[int, dict[str, Any]]) -> dict[str, Any]:
+def _sum_snaps(snaps: dict[int, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for s in snaps.values():
         for key, v in s.items():
-            if key in ("p50_us", "p99_us", "elapsed"):
-                out[key] = max(out.get(key, 0), v)
-            else:
-                out[key] = out.get(key, 0) + v
+            out[key] = max(out.get(key, 0), v) if key == "elapsed" else out.get(key, 0) + v
     return out
 
 
-# --------------------------------------------------------------------------- public
+@contextlib.asynccontextmanager
+async def open_generator(spec: LoadSpec, send: Sender | None, clock: Clock | None) -> AsyncIterator[Any]:
+    """The generator of a session: this process, or a :class:`WorkerPool`."""
+    n = effective_workers(spec) if spec.find_max is None else spec.workers
+    if n > 1 and (send is not None or clock is not None):
+        raise InputError("a custom sender or clock runs in one process; use workers=1")
+    gen: LocalGenerator | WorkerPool = WorkerPool(n) if n > 1 else LocalGenerator(send, clock)
+    try:
+        yield gen
+    finally:
+        await gen.close()
 
 
-async def _run_once(
-    spec: LoadSpec, *, send: Sender | None, clock: Clock | None,
-    progress: ProgressCallback | None, phase_name: str = "",
-) -> Recorder:
+def make_emitter(progress: ProgressCallback | None, spec: LoadSpec, phase: str = "") -> Callable[[dict[str, Any]], None] | None:
+    """Wrap ``progress`` to add the run's target rate, expected count and phase."""
+    if progress is None:
+        return None
     target = target_rate(spec)
+    expected = None
+    if spec.concurrency is None and spec.find_max is None:
+        seconds, count = measured_window(spec.schedule_stages(), spec.duration, spec.requests)
+        expected = round(count) if seconds != float("inf") else spec.requests
+    elif spec.requests is not None:
+        expected = spec.requests
 
     def emit(snap: dict[str, Any]) -> None:
-        if progress is not None:
-            snap = dict(snap)
-            snap["target"] = target
-            snap["phase"] = phase_name
-            progress(snap)
+        progress({**snap, "target": target, "expected": expected, "phase": phase})
 
-    if spec.workers > 1:
-        if send is not None or clock is not None:
-            raise InputError("a custom sender or clock runs in one process; use workers=1")
-        return await _run_processes(spec, emit if progress else None)
-
-    def tick(rec: Recorder, elapsed: float) -> None:
-        snap = rec.progress()
-        snap["elapsed"] = elapsed
-        emit(snap)
-
-    rec = await _segment(spec, send=send, clock=clock, tick=tick if progress else None)
-    rec.workers = [rec.worker_summary(0)]
-    return rec
+    return emit
 
 
-def _describe(spec: LoadSpec, send: Sender | None) -> str:
-    if send is not None and spec.latent is None:
-        with contextlib.suppress(Exception):
-            return build_request(spec).description + " (custom sender)"
-        return "custom sender"
-    return build_request(spec).description
+# --------------------------------------------------------------------------- public
 
 
 async def run_async(
@@ -335,22 +379,32 @@ async def run_async(
     progress: ProgressCallback | None = None,
     send: Sender | None = None,
     clock: Clock | None = None,
+    stop: asyncio.Event | None = None,
 ) -> Report:
     """Run the load test ``spec`` in the running event loop and return its :class:`Report`.
 
-    ``send`` replaces the HTTP sender (an ``async () -> Answer``; tests use a simulated
-    endpoint) and ``clock`` the real clock. ``thresholds`` are checked into
+    ``send`` replaces the HTTP sender (an ``async (plan) -> Answer``; tests use a
+    simulated endpoint) and ``clock`` the real clock. ``thresholds`` are checked into
     ``report.passed``. ``progress`` receives running figures about twice a second.
+    Setting ``stop`` ends the run early: the report covers what ran and says
+    ``interrupted``.
     """
-    description = _describe(spec, send)  # validates the request before any load
+    from .findmax import find_max
+    from .http import describe_endpoint
+
+    plans = build_plans(spec)  # validates the request before any load
+    if send is None:
+        describe_endpoint(spec.url)
+    description = describe_plans(plans) + (" (custom sender)" if send is not None else "")
     started = _now_iso()
-    if spec.find_max is not None:
-        return await _find_max(spec, thresholds=thresholds, progress=progress, send=send, clock=clock,
-                               description=description, started=started)
-    rec = await _run_once(spec, send=send, clock=clock, progress=progress)
+    async with open_generator(spec, send, clock) as gen:
+        if spec.find_max is not None:
+            return await find_max(spec, gen, thresholds=thresholds, progress=progress, clock=clock or MonotonicClock(),
+                                  description=description, started=started, stop=stop)
+        rec = await gen.run(spec, stop=stop, emit=make_emitter(progress, spec), start_at=spec.start_at)
     return build_report(
         rec, spec=spec.redacted(), mode=spec.mode, request=description, target_rate=target_rate(spec),
-        started_at=started, workers=spec.workers, thresholds=list(thresholds),
+        started_at=started, workers=min(gen.workers, effective_workers(spec)), thresholds=list(thresholds),
     )
 
 
@@ -359,108 +413,40 @@ def run(
     *,
     thresholds: Sequence[Threshold] = (),
     progress: ProgressCallback | None = None,
+    handle_signals: bool = False,
 ) -> Report:
     """Run the load test ``spec`` on a fresh event loop (uvloop when installed) and
-    return its :class:`Report`. From async code, ``await run_async(spec)`` instead."""
+    return its :class:`Report`. From async code, ``await run_async(spec)`` instead.
+
+    With ``handle_signals`` (the CLI's choice) a first Ctrl-C (SIGINT) or SIGTERM
+    stops the run gracefully and the report is returned marked ``interrupted``; a
+    second Ctrl-C raises :class:`KeyboardInterrupt` at once.
+    """
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         pass
     else:
         raise InputError("asyncvae.loadtest.run() was called inside a running event loop; await run_async()")
+
+    async def main() -> Report:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        installed: list[int] = []
+        if handle_signals:
+            def on_signal(sig: int) -> None:
+                stop.set()
+                loop.remove_signal_handler(sig)  # a second Ctrl-C is a KeyboardInterrupt again
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.add_signal_handler(sig, on_signal, sig)
+                    installed.append(sig)
+        try:
+            return await run_async(spec, thresholds=thresholds, progress=progress, stop=stop)
+        finally:
+            for sig in installed:
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(sig)
+
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(run_async(spec, thresholds=thresholds, progress=progress))
-
-
-# --------------------------------------------------------------------------- find-max
-
-
-def _step_verdict(rep: Report, rate: float, slo_ms: float, max_err: float) -> tuple[bool, str]:
-    d = rep.data
-    why = []
-    if d["latency_ms"]["p99"] > slo_ms:
-        why.append(f"p99 {d['latency_ms']['p99']:.1f} ms > {slo_ms:g} ms")
-    if d["error_rate"] > max_err:
-        why.append(f"errors {100 * d['error_rate']:.2f}% > {100 * max_err:g}%")
-    if d["rate"]["completed"] < 0.9 * rate:
-        why.append(f"answered {d['rate']['completed']:.1f}/s < 90% of {rate:.1f}/s")
-    if not d["requests"]["ok"]:
-        why.append("no successful answer")
-    return (not why), "; ".join(why)
-
-
-async def _find_max(
-    spec: LoadSpec, *, thresholds: Sequence[Threshold], progress: ProgressCallback | None,
-    send: Sender | None, clock: Clock | None, description: str, started: str,
-) -> Report:
-    fm = spec.find_max
-    assert fm is not None
-    clk = clock or MonotonicClock()
-    slo_s = fm.slo_p99_ms / 1000
-    drain = spec.drain_timeout if spec.drain_timeout is not None else max(4 * slo_s, 1.0)
-    base = spec.replace(find_max=None, rate=fm.start_rate, stages=(), concurrency=None,
-                        duration=fm.step_duration, requests=None)
-    lo: float | None = None
-    hi: float | None = None
-    rate = fm.start_rate
-    steps: list[dict[str, Any]] = []
-    best: Report | None = None
-    last: Report | None = None
-    while len(steps) < fm.max_steps:
-        step = base.replace(rate=rate, duration=fm.step_duration, requests=None,
-                            warmup=fm.step_warmup, drain_timeout=drain)
-        tries = 2 if fm.confirm else 1
-        for attempt in range(1, tries + 1):
-            rec = await _run_once(step, send=send, clock=clock, progress=progress,
-                                  phase_name=f"find-max step {len(steps) + 1} @ {rate:.1f}/s")
-            rep = build_report(rec, spec=step.redacted(), mode="open", request=description,
-                               target_rate=rate, started_at=started, workers=spec.workers)
-            ok, why = _step_verdict(rep, rate, fm.slo_p99_ms, fm.max_error_rate)
-            d = rep.data
-            steps.append({
-                "rate": rate, "ok": ok, "why": why, "attempt": attempt,
-                "p50_ms": d["latency_ms"]["p50"], "p99_ms": d["latency_ms"]["p99"],
-                "error_rate": d["error_rate"], "achieved": d["rate"]["completed"],
-                "late_fraction": d["schedule"]["late_fraction"],
-            })
-            last = rep
-            if not ok and rec.unfinished:
-                # let the endpoint work off what the cancelled requests left queued
-                await clk.sleep(min(10.0, rec.unfinished / max(d["rate"]["ok"], 1.0)))
-            if ok or len(steps) >= fm.max_steps:
-                break
-            await clk.sleep(0.2)
-        if ok:
-            lo = rate
-            best = rep
-        else:
-            hi = rate
-        if hi is None:
-            if rate >= fm.max_rate:
-                break
-            rate = min(rate * 2, fm.max_rate)
-        elif lo is None:
-            rate = hi / 2
-            if rate < 0.01:
-                break
-        else:
-            if (hi - lo) / lo <= fm.precision:
-                break
-            rate = (lo + hi) / 2
-        await clk.sleep(0.2)
-    chosen = best or last
-    assert chosen is not None and chosen.recorder is not None
-    fm_data = {
-        "slo_p99_ms": fm.slo_p99_ms,
-        "max_error_rate": fm.max_error_rate,
-        "max_rate": lo,
-        "bracket": [lo, hi],
-        "precision": fm.precision,
-        "steps": steps,
-    }
-    rep = build_report(
-        chosen.recorder, spec=spec.redacted(), mode="find-max", request=description,
-        target_rate=lo if lo is not None else (steps[-1]["rate"] if steps else None),
-        started_at=started, workers=spec.workers, thresholds=list(thresholds), find_max=fm_data,
-    )
-    return rep
+        return runner.run(main())

@@ -7,7 +7,7 @@ timer whenever nothing is ready, so ``asyncio.sleep(3600)`` returns at once whil
 
     loop = VirtualTimeLoop()
     ep = QueueEndpoint(service=0.010)
-    rec = loop.run_until_complete(simulate_open(ep, rate=150, duration=2))
+    report = run_virtual(run_async(LoadSpec(url, rate=150, duration=2), send=ep, clock=LoopClock()))
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import selectors
 from collections.abc import Coroutine
 from typing import Any
 
-from ..errors import EndpointError
+from ..errors import EndpointError, TransportError
 from .engine import Answer, Clock, LoopClock
 
 __all__ = ["QueueEndpoint", "VirtualTimeLoop", "run_virtual"]
@@ -68,17 +68,24 @@ class QueueEndpoint:
 
     ``stall(at, seconds)`` makes every replica unavailable from ``at`` for ``seconds``
     (a GC pause, a cold start). ``fail_every`` > 0 answers every n-th request with a
-    503 at once. Use it as a sender: ``await ep()`` returns an :class:`Answer`.
+    503 at once. ``timeout``: the client gives up on an answer that would take longer
+    (a ``timeout`` error after that many seconds; the replica still does the work).
+    ``client_cost``: simulated CPU seconds the *generator* spends per send (virtual
+    time jumps that much, so a generator too slow for its schedule falls behind).
+    Use it as a sender: ``await ep(plan)`` returns an :class:`Answer`.
     """
 
     def __init__(self, service: float, servers: int = 1, *, clock: Clock | None = None,
-                 fail_every: int = 0, bytes_out: int = 1000):
+                 fail_every: int = 0, bytes_out: int = 1000, timeout: float | None = None,
+                 client_cost: float = 0.0):
         self.service = service
         self.clock: Clock = clock or LoopClock()
         self._free = [0.0] * servers  # when each replica is next free (heap)
         self._stalls: list[tuple[float, float]] = []
         self.fail_every = fail_every
         self.bytes_out = bytes_out
+        self.timeout = timeout
+        self.client_cost = client_cost
         self.calls = 0
 
     def stall(self, at: float, seconds: float) -> None:
@@ -91,8 +98,12 @@ class QueueEndpoint:
                 t = b
         return t
 
-    async def __call__(self) -> Answer:
+    async def __call__(self, plan: Any = None) -> Answer:
         self.calls += 1
+        if self.client_cost:
+            loop = asyncio.get_running_loop()
+            if isinstance(loop, VirtualTimeLoop):
+                loop._now += self.client_cost
         now = self.clock.now()
         if self.fail_every and self.calls % self.fail_every == 0:
             raise EndpointError({"error": "503 Service Unavailable"}, status=503)
@@ -100,5 +111,8 @@ class QueueEndpoint:
         start = self._start_time(max(now, free))
         done = start + self.service
         heapq.heappush(self._free, done)
+        if self.timeout is not None and done - now > self.timeout:
+            await self.clock.sleep(self.timeout)
+            raise TransportError("timed out before a response arrived (simulated)", kind="timeout")
         await self.clock.sleep(done - now)
         return Answer(200, ttfb=done - now, bytes_in=self.bytes_out)

@@ -1,7 +1,8 @@
 """The reference endpoint (``asyncvae serve``): an aiohttp.web server that speaks the
-Hybrid Inference protocol, with a weightless built-in model, an optional diffusers
-``AutoencoderKL`` adapter, replica queueing, service delays, a response cache and
-fault injection for testing clients.
+Hybrid Inference protocol, with a weightless built-in model or a real diffusers VAE
+(image or video, any device and dtype), replica slots with dynamic batching, bearer
+token auth, readiness and overload answers, graceful drain, Prometheus metrics, a
+response cache and fault injection for testing clients.
 
 ::
 
@@ -13,12 +14,15 @@ fault injection for testing clients.
 
 from __future__ import annotations
 
-from .app import FAULT_KINDS, Faults, ServerConfig, create_app
-from .model import BuiltinVAE, DiffusersVAE, VAEModel, load_model
+from .app import create_app
+from .config import FAULT_KINDS, TOKEN_ENV, Faults, ServerConfig
+from .diffusers_model import DiffusersVAE, load_model
+from .model import BuiltinVAE, VAEModel
 from .runner import LocalServer, RunningServer, run_server, start_server
 
 __all__ = [
     "FAULT_KINDS",
+    "TOKEN_ENV",
     "BuiltinVAE",
     "DiffusersVAE",
     "Faults",

@@ -3,6 +3,7 @@
 import argparse
 import sys
 
+from ..errors import AsyncVAEError
 from .cli import DESCRIPTION, add_arguments, main
 
 parser = argparse.ArgumentParser(
@@ -11,4 +12,8 @@ parser = argparse.ArgumentParser(
     formatter_class=argparse.RawDescriptionHelpFormatter,
 )
 add_arguments(parser)
-sys.exit(main(parser.parse_args()))
+try:
+    sys.exit(main(parser.parse_args()))
+except AsyncVAEError as e:
+    print(f"asyncvae serve: error: {e}", file=sys.stderr)
+    sys.exit(1)

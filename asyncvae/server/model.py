@@ -1,11 +1,14 @@
-"""Models the reference server runs: a weightless built-in "VAE" and a diffusers adapter.
+"""Models the reference server runs: the interface, and a weightless built-in "VAE"
+(the diffusers adapter is :mod:`asyncvae.server.diffusers_model`).
 
-Every model works in float32 on CPU and speaks in pixels in [-1, 1], channels first:
+Every model takes and returns float32 CPU tensors and speaks in pixels in [-1, 1],
+channels first (an adapter moves them to its device and dtype):
 
 - ``encode(images [B,3,H,W]) -> latents [B,C,H/f,W/f]`` (unscaled),
 - ``decode(latents [B,C,h,w]) -> images [B,3,h*f,w*f]`` (clamped to [-1, 1]),
 - ``decode_video(latents [B,C,T,h,w]) -> video [B,3,F,h*f,w*f]`` with
-  ``F = frames_for_latent_frames(T)``.
+  ``F = decoded_frames(T)``,
+- ``encode_video(video [B,3,F,H,W]) -> latents [B,C,T,h,w]`` (video models only).
 
 Scaling (``scaling_factor``/``shift_factor``) is the server's job, not the model's;
 the attributes here are the defaults used for the deprecated ``do_scaling=True``
@@ -15,7 +18,6 @@ without a ``scaling_factor``.
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..protocol import SPATIAL_FACTOR, TEMPORAL_FACTOR, frames_for_latent_frames
 
-__all__ = ["BuiltinVAE", "DiffusersVAE", "VAEModel", "interpolate_latent_frames", "unpack_latents"]
+__all__ = ["BuiltinVAE", "VAEModel", "interpolate_latent_frames", "unpack_latents"]
 
 
 def unpack_latents(latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -68,10 +70,19 @@ def interpolate_latent_frames(latents: torch.Tensor) -> torch.Tensor:
 
 
 class VAEModel:
-    """Base class of the server's models (subclass and override :meth:`encode`/:meth:`decode`)."""
+    """Base class of the server's models (subclass and override :meth:`encode`/:meth:`decode`).
+
+    Every method takes and returns float32 CPU tensors in the layouts of the module
+    docstring, for a whole batch at once (the server stacks same-shape requests when
+    dynamic batching is on and splits the answer along dim 0). A model whose methods
+    are not safe to call from several threads at once sets ``thread_safe = False``
+    (the server then serialises its calls).
+    """
 
     #: Pixels per latent along H and W.
     spatial_factor: int = SPATIAL_FACTOR
+    #: Pixel frames per latent frame of video latents (1 for per-frame image models).
+    temporal_factor: int = TEMPORAL_FACTOR
     #: Channels of the latents :meth:`encode` produces.
     latent_channels: int = 4
     #: Defaults for ``do_scaling=True`` without ``scaling_factor``.
@@ -79,6 +90,13 @@ class VAEModel:
     shift_factor: float = 0.0
     #: Human-readable name (shown in /stats).
     name: str = "model"
+    #: True for a video VAE that encodes/decodes 5-D tensors natively.
+    video: bool = False
+    #: False when calls must not overlap (the server then takes a lock around them).
+    thread_safe: bool = True
+    #: torch intra-op threads on a replica thread while it runs this model (None: torch's
+    #: default). Tiny ops gain nothing from threads and lose a lot to their spinning.
+    intra_op_threads: int | None = None
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``[B,3,H,W]`` float32 in [-1, 1] → latents ``[B,C,H/f,W/f]`` float32."""
@@ -95,8 +113,29 @@ class VAEModel:
                 f"this endpoint's model decodes {self.latent_channels}-channel latents, got {channels}"
             )
 
+    def decoded_frames(self, latent_frames: int) -> int:
+        """Pixel frames that ``latent_frames`` latent frames decode to (for size limits)."""
+        if self.temporal_factor <= 1:
+            return latent_frames
+        return (latent_frames - 1) * self.temporal_factor + 1
+
+    def check_video_frames(self, frames: int) -> None:
+        """Raise :class:`InputError` when :meth:`encode_video` can't take ``frames`` frames."""
+        tf = self.temporal_factor
+        if self.video and tf > 1 and (frames - 1) % tf:
+            raise InputError(
+                f"this endpoint's video model encodes 1 + k*{tf} frames (1, {1 + tf}, "
+                f"{1 + 2 * tf}, ...), got {frames}; trim the clip"
+            )
+
+    def unscale(self, latents: torch.Tensor, shift_factor: float | None = None) -> torch.Tensor:
+        """The model's default latent un-scaling, for ``do_scaling=True`` without a
+        ``scaling_factor``: ``latents / scaling_factor + shift``."""
+        shift = self.shift_factor if shift_factor is None else shift_factor
+        return latents / self.scaling_factor + shift
+
     def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
-        """Video latents ``[B,C,T,h,w]`` → ``[B,3,F,H,W]`` with ``F = (T-1)*4+1``.
+        """Video latents ``[B,C,T,h,w]`` → ``[B,3,F,H,W]`` with ``F = decoded_frames(T)``.
 
         The default interpolates latent frames in time and decodes every frame as an image.
         """
@@ -107,6 +146,13 @@ class VAEModel:
         out = self.decode(frames)
         _, ch, hh, ww = out.shape
         return out.reshape(b, n, ch, hh, ww).permute(0, 2, 1, 3, 4).contiguous()
+
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """Video ``[B,3,F,H,W]`` in [-1, 1] → latents ``[B,C,T,h,w]`` (video models only)."""
+        raise InputError(
+            f"this endpoint's model ({self.name}) encodes images [B,3,H,W], not 5-D video; "
+            "send frames as a batch of images"
+        )
 
 
 class BuiltinVAE(VAEModel):
@@ -120,6 +166,7 @@ class BuiltinVAE(VAEModel):
     """
 
     name = "builtin"
+    intra_op_threads = 1
 
     def __init__(
         self, latent_channels: int = 4, scaling_factor: float = 0.18215, shift_factor: float = 0.0
@@ -167,48 +214,11 @@ class BuiltinVAE(VAEModel):
         return up.clamp_(-1.0, 1.0)
 
 
-class DiffusersVAE(VAEModel):
-    """A diffusers ``AutoencoderKL`` loaded from a local folder (``save_pretrained`` layout).
+def __getattr__(name: str) -> Any:
+    # DiffusersVAE and load_model live in .diffusers_model (it imports this module);
+    # importing them from here keeps working.
+    if name in ("DiffusersVAE", "load_model"):
+        from . import diffusers_model
 
-    diffusers is imported lazily; a missing install raises :class:`ImportError` with the
-    fix. Encoding takes the mode of the latent distribution (deterministic).
-    """
-
-    name = "diffusers"
-
-    def __init__(self, path: str | Path) -> None:
-        try:
-            from diffusers import AutoencoderKL
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError(f"--model {path} needs diffusers: pip install diffusers ({e})") from e
-        self.path = str(path)
-        self.vae: Any = AutoencoderKL.from_pretrained(self.path, torch_dtype=torch.float32)
-        self.vae.eval()
-        cfg = self.vae.config
-        self.latent_channels = int(cfg.latent_channels)
-        self.scaling_factor = float(getattr(cfg, "scaling_factor", None) or 1.0)
-        self.shift_factor = float(getattr(cfg, "shift_factor", None) or 0.0)
-        self.spatial_factor = 2 ** (len(cfg.block_out_channels) - 1)
-        self.name = f"diffusers:{Path(self.path).name}"
-        self._lock = threading.Lock()  # diffusers modules are not re-entrant-safe
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """``vae.encode(x).latent_dist.mode()``."""
-        with self._lock, torch.inference_mode():
-            return self.vae.encode(images.float()).latent_dist.mode().float().contiguous()
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """``vae.decode(z).sample`` clamped to [-1, 1]."""
-        with self._lock, torch.inference_mode():
-            return self.vae.decode(latents.float()).sample.float().clamp(-1.0, 1.0).contiguous()
-
-
-def load_model(spec: str | None, latent_channels: int = 4) -> VAEModel:
-    """``"builtin"`` (or None) → :class:`BuiltinVAE`; anything else is a local diffusers folder."""
-    if spec is None or spec == "builtin":
-        return BuiltinVAE(latent_channels=latent_channels)
-    if not Path(spec).is_dir():
-        raise InputError(
-            f"--model {spec!r} is neither 'builtin' nor a local folder with a diffusers AutoencoderKL"
-        )
-    return DiffusersVAE(spec)
+        return getattr(diffusers_model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

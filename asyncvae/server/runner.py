@@ -1,22 +1,36 @@
 """Running the reference server: in the current loop, blocking (the CLI), or on a
-background thread (tests, notebooks, examples)."""
+background thread (tests, notebooks, examples).
+
+Graceful shutdown (:meth:`RunningServer.drain`, what SIGTERM/SIGINT do in
+:func:`run_server`): stop listening, mark the server not ready (``/ready`` 503, new
+requests on open connections 503 + ``Connection: close``), let every request in flight
+finish up to ``drain_timeout`` seconds, then close. A second signal ends the drain at
+once.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
+import sys
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from .app import STATE_KEY, Faults, ServerConfig, ServerState, create_app
-from .model import VAEModel
+from .state import ModelSpec
 
 __all__ = ["LocalServer", "RunningServer", "run_server", "start_server"]
 
 LISTENING_PREFIX = "asyncvae serve: listening on "
+#: aiohttp access log line: peer, time, request line, status, bytes, seconds.
+ACCESS_LOG_FORMAT = '%a %t "%r" %s %b %Tfs'
+access_log = logging.getLogger("asyncvae.access")
 
 
 class RunningServer:
@@ -42,20 +56,46 @@ class RunningServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/"
 
+    async def drain(self, timeout: float, force: asyncio.Event | None = None) -> int:
+        """Stop accepting connections and wait up to ``timeout`` seconds (or until
+        ``force`` is set) for the requests in flight; returns how many are left."""
+        state = self.state
+        state.draining = True
+        for site in list(self.runner.sites):
+            await site.stop()
+        server = self.runner.server
+        if server is not None:
+            server.pre_shutdown()  # idle keep-alive connections close; busy ones after their answer
+        deadline = time.monotonic() + timeout
+        while state.stats.in_flight > 0 and time.monotonic() < deadline:
+            if force is not None and force.is_set():
+                break
+            await asyncio.sleep(0.01)
+        return state.stats.in_flight
+
     async def close(self) -> None:
         """Stop listening, close every connection, release the thread pool."""
         await self.runner.cleanup()
 
 
-async def start_server(
-    config: ServerConfig | None = None, model: VAEModel | None = None
-) -> RunningServer:
-    """Start the reference server in the running event loop; returns once it is bound."""
+async def start_server(config: ServerConfig | None = None, model: ModelSpec = None) -> RunningServer:
+    """Start the reference server in the running event loop; returns once it is bound.
+
+    ``model``: a :class:`~asyncvae.server.VAEModel`, a function that loads one (run on a
+    thread; the server answers 503 until it returns), or None for ``config.model``.
+    """
     config = config or ServerConfig()
     app = create_app(config, model)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_timeout)
+    runner = web.AppRunner(
+        app,
+        access_log=access_log if config.access_log else None,
+        access_log_format=ACCESS_LOG_FORMAT,
+        shutdown_timeout=config.shutdown_timeout,
+    )
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+    site = web.TCPSite(
+        runner, config.host, config.port, reuse_address=True, reuse_port=config.reuse_port or None
+    )
     try:
         await site.start()
     except BaseException:
@@ -69,26 +109,94 @@ async def start_server(
     return RunningServer(runner, config.host, port)
 
 
-def run_server(config: ServerConfig | None = None, model: VAEModel | None = None) -> int:
-    """Serve until SIGINT/SIGTERM (blocking). Prints one line
-    ``asyncvae serve: listening on http://HOST:PORT/`` to stdout once bound."""
+def _say(line: str, stream: Any = None) -> None:
+    """Write one whole line in one call (a model loading on another thread may log to
+    the same pipe; ``print`` writes the text and the newline separately)."""
+    stream = stream or sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
 
-    async def main() -> None:
-        server = await start_server(config, model)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, stop.set)
-        print(f"{LISTENING_PREFIX}{server.url}", flush=True)
-        try:
-            await stop.wait()
-        finally:
-            await server.close()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
-    return 0
+def _log_access_to_stderr() -> None:
+    if not access_log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access_log.addHandler(handler)
+    access_log.setLevel(logging.INFO)
+    access_log.propagate = False
+
+
+async def serve(config: ServerConfig, model: ModelSpec = None) -> int:
+    """Serve in the running loop until SIGINT/SIGTERM, then drain; returns the exit
+    status (0, or 1 when the model failed to load)."""
+    server = await start_server(config, model)
+    state = server.state
+    stop, force = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            force.set()
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, on_signal)
+    _say(f"{LISTENING_PREFIX}{server.url}")
+    loaded = asyncio.create_task(state.wait_loaded())
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({loaded, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if loaded.done():
+            if not loaded.result():
+                _say(f"asyncvae serve: error: {state.load_error}", sys.stderr)
+                return 1
+            if state.load_seconds is not None and state.model is not None:
+                _say(
+                    f"asyncvae serve: model ready: {state.model.name}, loaded in "
+                    f"{state.load_seconds:.1f} s"
+                )
+        await stopped
+        busy = state.stats.in_flight
+        _say(
+            f"asyncvae serve: shutting down: {busy} request(s) in flight, draining for up to "
+            f"{config.drain_timeout:g} s (signal again to stop now)",
+            sys.stderr,
+        )
+        left = await server.drain(config.drain_timeout, force)
+        if left:
+            _say(
+                f"asyncvae serve: {left} request(s) still running at the drain deadline were cancelled",
+                sys.stderr,
+            )
+        return 0
+    finally:
+        loaded.cancel()
+        stopped.cancel()
+        await server.close()
+
+
+def run_server(config: ServerConfig | None = None, model: ModelSpec = None) -> int:
+    """Serve until SIGINT/SIGTERM (blocking), then drain gracefully. Prints one line
+    ``asyncvae serve: listening on http://HOST:PORT/`` to stdout once bound (the model
+    may still be loading: poll ``GET /ready``); returns the exit status."""
+    config = config or ServerConfig()
+    if config.access_log:
+        _log_access_to_stderr()
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(serve(config, model))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when importable (less CPU per request for the HTTP layer), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        return None
+    return uvloop.new_event_loop
 
 
 class LocalServer:
@@ -101,7 +209,7 @@ class LocalServer:
             remote_decode(srv.url, latents, ...)
     """
 
-    def __init__(self, config: ServerConfig | None = None, model: VAEModel | None = None) -> None:
+    def __init__(self, config: ServerConfig | None = None, model: ModelSpec = None) -> None:
         self.config = config or ServerConfig()
         self.model = model
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -202,8 +310,19 @@ class LocalServer:
         self.state.stats.reset()
 
     def set_faults(self, faults: Faults) -> None:
-        """Swap the fault configuration at runtime (thread-safe)."""
+        """Swap the fault configuration at runtime (thread-safe; in-process, so always
+        allowed, whatever the HTTP admin routes say)."""
         self.state.set_faults(faults)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until the model is loaded; raises :class:`RuntimeError` with the reason
+        when it failed to load, :class:`TimeoutError` after ``timeout`` seconds."""
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("LocalServer is not started")
+        fut = asyncio.run_coroutine_threadsafe(self.state.wait_loaded(), loop)
+        if not fut.result(timeout):
+            raise RuntimeError(f"the model failed to load: {self.state.load_error}")
 
     def __repr__(self) -> str:
         where = self._server.url if self._server else "stopped"
