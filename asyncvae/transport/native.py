@@ -39,8 +39,11 @@ from ._base import Request, Response, Timeouts, Transport
 __all__ = ["NativeResponse", "NativeTransport"]
 
 #: Scratch buffer of a connection: heads, chunked bodies, ``read_chunk`` pieces, and body
-#: bytes that arrive before the caller starts reading (then reading pauses).
-SCRATCH_SIZE = 256 * 1024
+#: bytes that arrive before the caller starts reading. It starts at SCRATCH_SIZE and
+#: grows (doubling) up to SCRATCH_MAX when it fills up; beyond that, reading pauses
+#: until the reader catches up.
+SCRATCH_SIZE = 64 * 1024
+SCRATCH_MAX = 256 * 1024
 #: A request body up to this size goes out joined to its head in one write.
 SMALL_BODY = 64 * 1024
 #: Larger request bodies are written in slices of this size, waiting for the transport's
@@ -170,9 +173,12 @@ class _Conn(asyncio.BufferedProtocol):
             return
         self._wake()
         if self.w == self.size and not self._make_room(force=False):
-            self.rpaused = True
-            with contextlib.suppress(Exception):
-                self.transport.pause_reading()
+            if self.size < SCRATCH_MAX:
+                self._regrow(min(2 * self.size, SCRATCH_MAX))
+            else:
+                self.rpaused = True
+                with contextlib.suppress(Exception):
+                    self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -212,13 +218,19 @@ class _Conn(asyncio.BufferedProtocol):
             return True
         if not force:
             return False
+        self._regrow(max(self.size, 2 * (w - r)))
+        return True
+
+    def _regrow(self, size: int) -> None:
+        """Move the unread bytes into a fresh buffer of ``size`` (views lent out of the
+        old one stay valid: they keep it alive)."""
+        r, w = self.r, self.w
         n = w - r
-        new = bytearray(max(SCRATCH_SIZE, 2 * n))
+        new = bytearray(size)
         new[:n] = self.mv[r:w]
-        self.buf, self.mv, self.size = new, memoryview(new), len(new)
+        self.buf, self.mv, self.size = new, memoryview(new), size
         self.r, self.w = 0, n
         self.lent = False
-        return True
 
     def consumed(self) -> None:
         """Call after advancing ``r``: rewind an empty buffer, resume a paused reader."""
