@@ -147,6 +147,8 @@ class AiohttpResponse(Response):
                 self._left = memoryview(chunk)[k:]
             view[got : got + k] = chunk[:k] if k < len(chunk) else chunk
             got += k
+        if not self._done and self._left is None and self._resp.content.at_eof():
+            self._done = True  # all of it is here: no need to ask once more
         return got
 
     async def read_chunk(self) -> bytes | memoryview:
@@ -163,6 +165,8 @@ class AiohttpResponse(Response):
     def close(self) -> None:
         resp = self._resp
         conn = resp.connection
+        if not self._done and not self._broken and self._left is None and resp.content.at_eof():
+            self._done = True
         if self._done and self._left is None:
             resp.release()  # read to its end: aiohttp pools it where allowed
             if resp.connection is None:
