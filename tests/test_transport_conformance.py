@@ -57,9 +57,9 @@ def native(request: pytest.FixtureRequest) -> tuple[str, str]:
 
 def client_sockets(port: int) -> int:
     """TCP sockets of this process connected to ``port`` (the client side)."""
-    return sum(
-        1 for c in psutil.Process().net_connections(kind="tcp") if c.raddr and c.raddr.port == port
-    )
+    proc = psutil.Process()
+    conns = getattr(proc, "net_connections", None) or proc.connections  # psutil < 6
+    return sum(1 for c in conns(kind="tcp") if c.raddr and c.raddr.port == port)
 
 
 def run(

@@ -152,7 +152,7 @@ class ResponseHead:
     keep_alive: bool
 
 
-def find_head_end(buf: bytes | bytearray | memoryview, start: int = 0, end: int | None = None) -> int:
+def find_head_end(buf: bytes | bytearray, start: int = 0, end: int | None = None) -> int:
     """The index just past the empty line that ends a head in ``buf[start:end]`` (lines end
     in CRLF, or a bare LF, RFC 9112 §2.2), or -1 when it has not arrived yet."""
     if end is None:
