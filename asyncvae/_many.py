@@ -17,10 +17,10 @@ finish, ``ordered=False``).
   the parked results hold fewer than ``max_inflight_bytes``. The item the consumer
   waits for was taken before any later one, so these gates never deadlock.
 - **Failures** stay with their item: an input that can't be prepared or a request that
-  fails gives an :class:`~asyncvae.ItemError` in its place; an input iterable that
-  raises ends the iteration *after* every earlier item, with an ``ItemError`` at its
-  position. A failure of the machinery itself (a bug) is raised to the consumer, not
-  swallowed.
+  fails gives an :class:`~asyncvae.ItemError` in its place. An input iterable that
+  raises is not an item's failure: its exception is raised to the consumer *after*
+  every earlier item's result, as a ``for`` loop over it would. A failure of the
+  machinery itself (a bug) is raised to the consumer, not swallowed.
 - **Leaving early** (``aclose()``, or dropping the iterator) cancels the runners and
   the requests in flight.
 """
@@ -275,6 +275,7 @@ class _State:
         self.parked_bytes = 0
         self.end_at: int | None = None  # index after the last item, once known
         self.failure: BaseException | None = None
+        self.source_error: BaseException | None = None  # the input iterable raised this
         self.consumer: asyncio.Future[None] | None = None
         self.room: asyncio.Future[None] | None = None
         self.tasks: set[asyncio.Task[None]] = set()
@@ -319,8 +320,9 @@ class _State:
             i, prepared = got  # type: ignore[misc]
             self.taken += 1
             if isinstance(prepared, _Failure):
-                self.end_at = i + 1
-                self._park(i, ItemError(i, prepared.error), 0)
+                self.end_at = i
+                self.source_error = prepared.error
+                self._wake_consumer()
                 return
             try:
                 if isinstance(prepared, BaseException):
@@ -446,6 +448,8 @@ class ManyIterator:
                 raise exc
             if st.finished() or (st.closed and not st.tasks):
                 await self.aclose()
+                if st.source_error is not None:
+                    raise st.source_error  # after every item before it, like a for loop
                 raise StopAsyncIteration
             st.consumer = st.loop.create_future()
             try:
