@@ -409,8 +409,10 @@ class ManyIterator:
         byte_window: int,
         runners: int,
         ahead: int,
+        start: Callable[[], object] | None = None,
     ) -> None:
         self._items = items
+        self._start = start
         self._prepare = prepare
         self._run = run
         self._ordered = ordered
@@ -422,6 +424,8 @@ class ManyIterator:
         return self
 
     def _begin(self) -> _State:
+        if self._start is not None:
+            self._start()  # the client: raises ClientClosedError once it is closed
         window, byte_window, runners, ahead = self._limits
         source = make_source(self._items, self._prepare, ahead)
         self._items = None

@@ -674,6 +674,7 @@ class Client:
             byte_window=lim.max_inflight_bytes,
             runners=lim.max_concurrency,
             ahead=lim.max_queued,
+            start=self._start,
         )
         self._iterators.add(it)
         return it

@@ -84,6 +84,16 @@ async def test_aclose_ends_a_many_iterator_the_consumer_waits_on(make_server):
         await within(5, consumer)
 
 
+async def test_an_iterator_made_before_close_raises_once_iterated(server):
+    c = Client(server.url)
+    it = c.decode_many([lat()], **PT)
+    await c.aclose()
+    with pytest.raises(ClientClosedError):
+        await collect(it)
+    with pytest.raises(ClientClosedError):
+        await c.decode(lat(), **PT)
+
+
 async def test_a_raising_stats_listener_stops_nothing(server):
     async with Client(server.url, limits=Limits(max_concurrency=4)) as c:
         def broken(event: str, stats: Any) -> None:
