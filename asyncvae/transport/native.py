@@ -44,6 +44,10 @@ __all__ = ["NativeResponse", "NativeTransport"]
 #: until the reader catches up.
 SCRATCH_SIZE = 64 * 1024
 SCRATCH_MAX = 256 * 1024
+#: While a head is awaited, one receive takes at most this much into the scratch buffer:
+#: the rest of a large body then goes straight into the caller's buffer once
+#: ``read_into`` starts (a larger window would copy more of the body).
+HEAD_WINDOW = 64 * 1024
 #: A request body up to this size goes out joined to its head in one write.
 SMALL_BODY = 64 * 1024
 #: Larger request bodies are written in slices of this size, waiting for the transport's
@@ -82,6 +86,7 @@ class _Conn(asyncio.BufferedProtocol):
         "direct",
         "eof",
         "exc",
+        "greedy",
         "idle_since",
         "key",
         "lent",
@@ -104,6 +109,7 @@ class _Conn(asyncio.BufferedProtocol):
         "transport",
         "w",
         "waiter",
+        "window",
         "wpaused",
     )
 
@@ -121,6 +127,12 @@ class _Conn(asyncio.BufferedProtocol):
         self.target: memoryview | None = None  # the caller's buffer being filled
         self.tpos = 0
         self.direct = False  # the last get_buffer returned the target
+        self.window = SCRATCH_MAX  # most bytes one receive may put into the scratch buffer
+        # uvloop (libuv) reads a socket until it is drained: a head window alone does not
+        # stop it from filling the scratch buffer before the reader runs; asyncio's
+        # selector loop reads once per readiness event, so there pausing costs more
+        # (two epoll_ctl calls) than the copy it saves
+        self.greedy = not isinstance(loop, asyncio.BaseEventLoop)
         self.waiter: asyncio.Future[None] | None = None
         self.eof = False
         self.lost = False
@@ -154,9 +166,11 @@ class _Conn(asyncio.BufferedProtocol):
                 self.direct = True
                 return t[p:]
         self.direct = False
-        if self.w == self.size:
+        w = self.w
+        if w == self.size:
             self._make_room(force=True)
-        return self.mv[self.w :]
+            w = self.w
+        return self.mv[w : w + self.window]
 
     def buffer_updated(self, nbytes: int) -> None:
         self.rx += nbytes
@@ -172,7 +186,13 @@ class _Conn(asyncio.BufferedProtocol):
             self.owner._drop(self)
             return
         self._wake()
-        if self.w == self.size and not self._make_room(force=False):
+        if nbytes >= HEAD_WINDOW and self.window == HEAD_WINDOW and self.greedy:
+            # a receive that filled the head window: more of a large body is on its way;
+            # it waits in the kernel until the reader offers its own buffer (or waits)
+            self.rpaused = True
+            with contextlib.suppress(Exception):
+                self.transport.pause_reading()
+        elif self.w == self.size and not self._make_room(force=False):
             if self.size < SCRATCH_MAX:
                 self._regrow(min(2 * self.size, SCRATCH_MAX))
             else:
@@ -237,12 +257,16 @@ class _Conn(asyncio.BufferedProtocol):
         if self.r == self.w and not self.lent:
             self.r = self.w = 0
         if self.rpaused:
-            self.rpaused = False
-            if self.w == self.size:
-                self._make_room(force=True)
-            if self.transport is not None and not self.lost:
-                with contextlib.suppress(Exception):
-                    self.transport.resume_reading()
+            self.resume()
+
+    def resume(self) -> None:
+        """Resume reading (paused for a full scratch buffer, or after a head window)."""
+        self.rpaused = False
+        if self.w == self.size:
+            self._make_room(force=True)
+        if self.transport is not None and not self.lost:
+            with contextlib.suppress(Exception):
+                self.transport.resume_reading()
 
     def release_lent(self) -> None:
         if self.lent:
@@ -263,6 +287,8 @@ class _Conn(asyncio.BufferedProtocol):
         bounded by the read timeout and the exchange's deadline."""
         if self.lost:
             return
+        if self.rpaused:
+            self.resume()  # whoever waits wants more bytes
         fut = self.loop.create_future()
         self.waiter = fut
         self._arm()
@@ -398,6 +424,8 @@ class _Conn(asyncio.BufferedProtocol):
                     if rh.status == 101:
                         raise ProtocolError("unexpected 101 Switching Protocols", retryable=True)
                     continue
+                if rh.framing != h11.BODY_LENGTH:
+                    self.window = SCRATCH_MAX  # chunked or to-EOF: all of it goes through here
                 return rh
             if n > h11.MAX_HEAD:
                 raise ProtocolError(
@@ -528,6 +556,8 @@ class NativeResponse(Response):
         )
         if reusable:
             conn.r = conn.w = 0
+            if conn.rpaused:
+                conn.resume()  # (idle, it must notice EOF or stray bytes)
         self._transport._release(conn, reusable)
 
     def _fail(self) -> None:
@@ -700,6 +730,7 @@ class NativeResponse(Response):
                 self._finish()
                 return b""
             if framing == h11.BODY_LENGTH:
+                conn.window = SCRATCH_MAX  # streamed through the scratch buffer
                 while conn.w == conn.r:
                     if conn.eof or conn.lost:
                         raise conn._lost_error(False)
@@ -852,6 +883,7 @@ class NativeTransport(Transport):
             if conn is None:
                 conn = await self._acquire(key, deadline)
             conn.deadline = deadline
+            conn.window = HEAD_WINDOW
             rx0 = conn.rx
             try:
                 if nbody <= SMALL_BODY and not (conn.lost or conn.eof):
