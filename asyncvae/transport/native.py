@@ -45,8 +45,10 @@ __all__ = ["NativeResponse", "NativeTransport"]
 SCRATCH_SIZE = 64 * 1024
 SCRATCH_MAX = 256 * 1024
 #: While a head is awaited, one receive takes at most this much into the scratch buffer:
-#: the rest of a large body then goes straight into the caller's buffer once
-#: ``read_into`` starts (a larger window would copy more of the body).
+#: under asyncio's selector loop (one receive per readiness event) the rest of a large
+#: body then goes straight into the caller's buffer once ``read_into`` starts. (uvloop
+#: reads until the socket is drained, so there up to SCRATCH_MAX may arrive before the
+#: reader runs; pausing reading to prevent that measured slower than the copy it saves.)
 HEAD_WINDOW = 64 * 1024
 #: A request body up to this size goes out joined to its head in one write.
 SMALL_BODY = 64 * 1024
@@ -86,7 +88,6 @@ class _Conn(asyncio.BufferedProtocol):
         "direct",
         "eof",
         "exc",
-        "greedy",
         "idle_since",
         "key",
         "lent",
@@ -128,11 +129,6 @@ class _Conn(asyncio.BufferedProtocol):
         self.tpos = 0
         self.direct = False  # the last get_buffer returned the target
         self.window = SCRATCH_MAX  # most bytes one receive may put into the scratch buffer
-        # uvloop (libuv) reads a socket until it is drained: a head window alone does not
-        # stop it from filling the scratch buffer before the reader runs; asyncio's
-        # selector loop reads once per readiness event, so there pausing costs more
-        # (two epoll_ctl calls) than the copy it saves
-        self.greedy = not isinstance(loop, asyncio.BaseEventLoop)
         self.waiter: asyncio.Future[None] | None = None
         self.eof = False
         self.lost = False
@@ -186,13 +182,7 @@ class _Conn(asyncio.BufferedProtocol):
             self.owner._drop(self)
             return
         self._wake()
-        if nbytes >= HEAD_WINDOW and self.window == HEAD_WINDOW and self.greedy:
-            # a receive that filled the head window: more of a large body is on its way;
-            # it waits in the kernel until the reader offers its own buffer (or waits)
-            self.rpaused = True
-            with contextlib.suppress(Exception):
-                self.transport.pause_reading()
-        elif self.w == self.size and not self._make_room(force=False):
+        if self.w == self.size and not self._make_room(force=False):
             if self.size < SCRATCH_MAX:
                 self._regrow(min(2 * self.size, SCRATCH_MAX))
             else:
