@@ -16,6 +16,7 @@ Small parts, each with one job:
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Sequence
 
@@ -195,17 +196,25 @@ async def read_bytes(
     as it is known to exceed ``max_bytes`` — from ``Content-Length`` before reading,
     or while chunks arrive — never after buffering it."""
     clen = resp.content_length
+    # The body is written into a BytesIO and handed back with getvalue(): CPython
+    # then returns the BytesIO's own bytes object instead of copying it, so a body
+    # costs its size once, not twice (a bytearray turned into bytes at the end).
+    # Where that no-copy path is not taken getvalue() copies: same result.
+    out = io.BytesIO()
     if clen is not None:
         if clen > max_bytes:
             raise ProtocolError(f"response declares {clen} bytes, over the client's max_response_bytes={max_bytes}")
         if lease is not None:
             lease.resize(clen)
-        buf = bytearray(clen)
-        got = await _fill(resp, memoryview(buf), clen, on_progress) if clen else 0
+        if not clen:
+            return b""
+        out.seek(clen - 1)
+        out.write(b"\0")  # sized (zero-filled) to the body
+        with out.getbuffer() as view:
+            got = await _fill(resp, view, clen, on_progress)
         if got != clen:
             raise ProtocolError(f"response body was cut short: got {got} of {clen} bytes", retryable=True)
-        return bytes(buf)
-    parts: list[bytes] = []
+        return out.getvalue()
     got = 0
     while True:
         chunk = await resp.read_chunk()
@@ -216,12 +225,12 @@ async def read_bytes(
             raise ProtocolError(f"response body exceeds the client's max_response_bytes={max_bytes}")
         if lease is not None and got > lease.nbytes:
             lease.resize(got)
-        parts.append(bytes(chunk))
+        out.write(chunk)
         if on_progress is not None:
             on_progress(got, None)
     if lease is not None:
         lease.resize(got)
-    return b"".join(parts)
+    return out.getvalue()
 
 
 async def exchange(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ssl as ssl_mod
 import time
 from collections import deque
@@ -65,6 +66,12 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 Key = tuple[str, str, int]
 
 _monotonic = time.monotonic  # idle bookkeeping (timers use the loop's clock)
+
+
+@functools.lru_cache(maxsize=1)
+def _default_tls() -> ssl_mod.SSLContext:
+    """The process's verified default TLS context (made once)."""
+    return ssl_mod.create_default_context()
 
 
 def _default_port(scheme: str) -> int:
@@ -919,16 +926,23 @@ class NativeTransport(Transport):
 
     def _bind(self) -> asyncio.AbstractEventLoop:
         self._loop = asyncio.get_running_loop()
-        if self._ssl_arg is True:
-            self._ssl_ctx = ssl_mod.create_default_context()
-        elif self._ssl_arg is False:
-            ctx = ssl_mod.create_default_context()
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl_mod.CERT_NONE
-            self._ssl_ctx = ctx
-        else:
-            self._ssl_ctx = self._ssl_arg
         return self._loop
+
+    def _tls(self) -> ssl_mod.SSLContext:
+        """The TLS context, made on the first https connection (loading the CA store
+        costs ~100 ms and ~1 MB: plain-http clients never pay it), and the default
+        verified one shared by the whole process."""
+        if self._ssl_ctx is None:
+            if self._ssl_arg is True:
+                self._ssl_ctx = _default_tls()
+            elif self._ssl_arg is False:
+                ctx = ssl_mod.create_default_context()
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl_mod.CERT_NONE
+                self._ssl_ctx = ctx
+            else:
+                self._ssl_ctx = self._ssl_arg
+        return self._ssl_ctx
 
     def _head_entry(
         self, method: str, url: URL, headers: Any, cache_key: tuple[Any, ...] | None
@@ -1053,7 +1067,7 @@ class NativeTransport(Transport):
                     lambda: conn,
                     host,
                     port,
-                    ssl=self._ssl_ctx if tls else None,
+                    ssl=self._tls() if tls else None,
                     server_hostname=host if tls else None,
                     ssl_handshake_timeout=(connect or None) if tls else None,
                 )
