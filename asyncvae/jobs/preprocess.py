@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .._resolution import parse_resolution
 from ..errors import InputError
 
 __all__ = [
@@ -78,28 +79,6 @@ class Prepared:
     pixels: np.ndarray
     size: tuple[int, int]
     crop: tuple[float, float, float, float]
-
-
-def parse_resolution(value: int | str | tuple[int, int]) -> tuple[int, int]:
-    """``512`` / ``"512"`` → ``(512, 512)``; ``"768x512"`` → ``(768, 512)`` (width x height).
-
-    Both sides must be positive multiples of 8 (the VAE's spatial factor).
-    """
-    if isinstance(value, tuple):
-        w, h = value
-    else:
-        text = str(value).strip().lower()
-        try:
-            if "x" in text:
-                ws, hs = text.split("x", 1)
-                w, h = int(ws), int(hs)
-            else:
-                w = h = int(text)
-        except ValueError:
-            raise InputError(f"resolution {value!r} must be N or WxH, e.g. 512 or 768x512") from None
-    if w <= 0 or h <= 0 or w % 8 or h % 8:
-        raise InputError(f"resolution {w}x{h} must be positive multiples of 8 (e.g. 512 or 768x512)")
-    return int(w), int(h)
 
 
 def _wide_to_8bit(im: Image.Image) -> Image.Image:

@@ -19,6 +19,7 @@ exactly across generator processes and machines (``merge_reports``).
 
 from __future__ import annotations
 
+from .._resolution import Resolution, parse_resolution
 from .engine import Answer, ClientSideError, Clock, InvalidAnswer, LoopClock, MonotonicClock, Sender
 from .findmax import step_verdict
 from .http import BodyCheck, validate_body
@@ -26,7 +27,6 @@ from .merge import load_report, merge_reports
 from .recorder import Recorder
 from .report import SCHEMA, Report, Threshold, parse_threshold
 from .requests import RequestPlan, build_plans, build_request
-from .resolution import Resolution, parse_resolution
 from .runner import ProgressCallback, run, run_async
 from .schedule import Schedule, arrival_times
 from .spec import (

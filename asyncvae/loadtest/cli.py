@@ -15,13 +15,13 @@ from typing import Any
 
 from .._argtypes import positive_float as _positive_float
 from .._argtypes import positive_int as _positive_int
+from .._resolution import parse_resolution
 from ..config import Retry
 from ..errors import InputError
 from .merge import load_report, merge_reports
 from .plot import check_plot_available, write_plot
 from .progress import ProgressBar
 from .report import Report, parse_threshold
-from .resolution import parse_resolution
 from .runner import run
 from .spec import (
     OUTPUTS,

@@ -21,9 +21,9 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from .._resolution import Resolution, parse_resolution
 from ..config import Retry
 from ..errors import InputError
-from .resolution import Resolution, parse_resolution
 
 __all__ = [
     "OUTPUTS",

@@ -1,16 +1,15 @@
-"""One resolution parser: ``N`` or ``WxH`` → :class:`Resolution` ``(width, height)``.
+"""The one resolution parser: ``N`` or ``WxH`` → :class:`Resolution` ``(width, height)``.
 
-The same order and accepted forms as :func:`asyncvae.jobs.parse_resolution` (width
-first, as written), but as a named tuple so no caller has to remember the order.
-It lives here for now; it belongs below both the jobs and the load tester (e.g. in
-``asyncvae._argtypes`` or ``protocol``) once one owner moves it there.
+Width first, as written, and a named tuple so no caller has to remember the order.
+The dataset jobs (``--resolution``, :func:`asyncvae.jobs.parse_resolution`) and the
+load tester (``--resolution``, :func:`asyncvae.loadtest.parse_resolution`) both use it.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ..errors import InputError
+from .errors import InputError
 
 __all__ = ["Resolution", "parse_resolution"]
 
