@@ -11,11 +11,17 @@ finish, ``ordered=False``).
   yielded, not what the buffer holds later (``copy_inputs=False`` opts out). Lists and
   tuples are indexed on the loop; other iterables are read by a helper thread, so a
   slow generator (decoding files, say) never stalls the connections; async iterables
-  by one prefetch task. Up to ``max_queued`` items are read ahead.
+  by one prefetch task. Up to ``max_queued`` items are read ahead, and no more than
+  ``max_inflight_bytes / 16`` of request bodies (so big items, video latents say, are
+  not copied 256 at a time).
 - **Memory** stays bounded whatever the consumer does: a runner takes a new item only
   while fewer than ``max_reorder`` items are taken and not yet handed over, and while
-  the parked results hold fewer than ``max_inflight_bytes``. The item the consumer
-  waits for was taken before any later one, so these gates never deadlock.
+  the parked results and the client's answers in flight together hold less than
+  ``max_inflight_bytes`` (parked results hold no part of the byte budget, so a
+  consumer that makes calls of its own while it iterates is never starved; they only
+  stop new items being started). The item the consumer waits for was taken before
+  any later one, and every closed gate opens when the consumer takes a result, so
+  these gates never deadlock.
 - **Failures** stay with their item: an input that can't be prepared or a request that
   fails gives an :class:`~asyncvae.ItemError` in its place. An input iterable that
   raises is not an item's failure: its exception is raised to the consumer *after*
@@ -105,21 +111,32 @@ class _SequenceSource(_Source):
 class _BufferedSource(_Source):
     """Items prepared ahead by a producer (a thread or a task) into a bounded buffer."""
 
-    def __init__(self, ahead: int) -> None:
-        self._buf: collections.deque[tuple[int, Any]] = collections.deque()
+    def __init__(self, ahead: int, ahead_bytes: int) -> None:
+        self._buf: collections.deque[tuple[int, Any, int]] = collections.deque()
         self._ahead = max(1, ahead)
+        self._ahead_bytes = ahead_bytes
+        self._held = 0  # request body bytes in the buffer
         self._done = False
         self._waiter: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
 
+    def _has_room(self) -> bool:
+        """Whether the producer may read one more item (at least one always fits)."""
+        return not self._buf or (len(self._buf) < self._ahead and self._held < self._ahead_bytes)
+
+    def _add(self, i: int, prepared: Any) -> None:
+        n = getattr(prepared, "nbytes", 0)  # a WireRequest's body; 0 for the rest
+        self._held += n
+        self._buf.append((i, prepared, n))
+
     def take(self) -> tuple[int, Any] | object | None:
         if self._buf:
-            got = self._buf.popleft()
-            self._taken()
-            return got
+            i, prepared, n = self._buf.popleft()
+            self._taken(n)
+            return i, prepared
         return _END if self._done else None
 
-    def _taken(self) -> None:
+    def _taken(self, nbytes: int) -> None:
         pass
 
     async def wait(self) -> None:
@@ -138,9 +155,9 @@ class _BufferedSource(_Source):
 class _ThreadSource(_BufferedSource):
     """A sync iterable read by a daemon thread, ``ahead`` items ahead of the runners."""
 
-    def __init__(self, items: Iterable[Any], prepare: Prepare, ahead: int) -> None:
-        super().__init__(ahead)
-        self._room = threading.Semaphore(self._ahead)
+    def __init__(self, items: Iterable[Any], prepare: Prepare, ahead: int, ahead_bytes: int) -> None:
+        super().__init__(ahead, ahead_bytes)
+        self._cond = threading.Condition()
         self._stop = False
         it = iter(items)
         self._thread = threading.Thread(
@@ -152,7 +169,9 @@ class _ThreadSource(_BufferedSource):
         i = 0
         try:
             while True:
-                self._room.acquire()
+                with self._cond:
+                    while not (self._stop or self._has_room()):
+                        self._cond.wait()
                 if self._stop:
                     return
                 try:
@@ -168,7 +187,8 @@ class _ThreadSource(_BufferedSource):
             self._finish()
 
     def _push(self, i: int, prepared: Any) -> None:
-        self._buf.append((i, prepared))
+        with self._cond:
+            self._add(i, prepared)
         try:
             self._loop.call_soon_threadsafe(self._wake)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
@@ -182,20 +202,23 @@ class _ThreadSource(_BufferedSource):
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(done)
 
-    def _taken(self) -> None:
-        self._room.release()
+    def _taken(self, nbytes: int) -> None:
+        with self._cond:
+            self._held -= nbytes
+            self._cond.notify()
 
     def close(self) -> None:
-        self._stop = True
-        self._room.release()  # unblock the producer if it waits for room
+        with self._cond:
+            self._stop = True
+            self._cond.notify()  # unblock the producer if it waits for room
 
 
 class _AsyncSource(_BufferedSource):
     """An async iterable read by one prefetch task (snapshots taken as items arrive)."""
 
-    def __init__(self, items: AsyncIterable[Any], prepare: Prepare, ahead: int) -> None:
-        super().__init__(ahead)
-        self._room = asyncio.Semaphore(self._ahead)
+    def __init__(self, items: AsyncIterable[Any], prepare: Prepare, ahead: int, ahead_bytes: int) -> None:
+        super().__init__(ahead, ahead_bytes)
+        self._room = asyncio.Event()
         self._task = self._loop.create_task(self._produce(items, prepare), name="asyncvae-intake")
 
     async def _produce(self, items: AsyncIterable[Any], prepare: Prepare) -> None:
@@ -203,29 +226,32 @@ class _AsyncSource(_BufferedSource):
         it = items.__aiter__()
         try:
             while True:
-                await self._room.acquire()
+                while not self._has_room():
+                    self._room.clear()
+                    await self._room.wait()
                 try:
                     item = await it.__anext__()
                 except StopAsyncIteration:
                     return
                 except Exception as e:
-                    self._buf.append((i, _Failure(e)))
+                    self._add(i, _Failure(e))
                     return
-                self._buf.append((i, _prepare_safely(prepare, item)))
+                self._add(i, _prepare_safely(prepare, item))
                 i += 1
                 self._wake()
         finally:
             self._done = True
             self._wake()
 
-    def _taken(self) -> None:
-        self._room.release()
+    def _taken(self, nbytes: int) -> None:
+        self._held -= nbytes
+        self._room.set()
 
     def close(self) -> None:
         self._task.cancel()
 
 
-def make_source(items: Any, prepare: Prepare, ahead: int) -> _Source:
+def make_source(items: Any, prepare: Prepare, ahead: int, ahead_bytes: int = 1 << 62) -> _Source:
     """The right :class:`_Source` for ``items`` (see the module docstring)."""
     if isinstance(items, (torch.Tensor, str, bytes)) or hasattr(items, "__await__"):
         raise InputError(
@@ -235,9 +261,9 @@ def make_source(items: Any, prepare: Prepare, ahead: int) -> _Source:
     if isinstance(items, (list, tuple)):
         return _SequenceSource(items, prepare)
     if isinstance(items, AsyncIterable) or hasattr(items, "__aiter__"):
-        return _AsyncSource(items, prepare, ahead)
+        return _AsyncSource(items, prepare, ahead, ahead_bytes)
     if isinstance(items, Iterable):
-        return _ThreadSource(items, prepare, ahead)
+        return _ThreadSource(items, prepare, ahead, ahead_bytes)
     raise InputError(f"items must be an iterable or async iterable, got {type(items).__name__}")
 
 
@@ -260,8 +286,9 @@ class _State:
     the iterator lets it be collected and cancel the runners)."""
 
     def __init__(self, source: _Source, run: Run, ordered: bool, window: int, byte_window: int,
-                 runners: int) -> None:
+                 runners: int, in_flight_bytes: Callable[[], int] | None = None) -> None:
         self.source = source
+        self.in_flight_bytes = in_flight_bytes or (lambda: 0)
         self.run = run
         self.ordered = ordered
         self.window = window
@@ -298,7 +325,7 @@ class _State:
 
     def _has_room(self) -> bool:
         return self.taken - self.handed < self.window and (
-            self.parked_bytes < self.byte_window or self.taken == self.handed
+            self.taken == self.handed or self.parked_bytes + self.in_flight_bytes() < self.byte_window
         )
 
     async def _runner(self) -> None:
@@ -335,6 +362,9 @@ class _State:
             except Exception as e:  # a user callback (processor, ...) raised for this item
                 value, nbytes = ItemError(i, e), 0
             self._park(i, value, nbytes)
+            # drop this frame's references before waiting again: an idle runner must
+            # not keep its last result (or request) alive after the consumer took it
+            value = prepared = got = None
 
     def _park(self, i: int, value: Any, nbytes: int) -> None:
         self.ready[i] = (value, nbytes)
@@ -410,6 +440,7 @@ class ManyIterator:
         runners: int,
         ahead: int,
         start: Callable[[], object] | None = None,
+        in_flight_bytes: Callable[[], int] | None = None,
     ) -> None:
         self._items = items
         self._start = start
@@ -418,6 +449,7 @@ class ManyIterator:
         self._ordered = ordered
         self._raise = on_error == "raise"
         self._limits = (window, byte_window, runners, ahead)
+        self._in_flight_bytes = in_flight_bytes
         self._state: _State | None = None
 
     def __aiter__(self) -> ManyIterator:
@@ -427,11 +459,11 @@ class ManyIterator:
         if self._start is not None:
             self._start()  # the client: raises ClientClosedError once it is closed
         window, byte_window, runners, ahead = self._limits
-        source = make_source(self._items, self._prepare, ahead)
+        source = make_source(self._items, self._prepare, ahead, max(1, byte_window // 16))
         self._items = None
         if isinstance(source, _SequenceSource):
             runners = max(1, min(runners, len(source._items)))
-        st = _State(source, self._run, self._ordered, window, byte_window, runners)
+        st = _State(source, self._run, self._ordered, window, byte_window, runners, self._in_flight_bytes)
         st.start()
         self._state = st
         return st

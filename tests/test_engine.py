@@ -216,6 +216,69 @@ async def test_ordered_many_forgets_what_it_handed_over():
     assert grown < 200_000, grown
 
 
+async def test_a_result_the_consumer_dropped_is_freed_while_the_input_waits(server):
+    """Idle runners must not keep their last result: with a video answer each, 64
+    runners did (3.7 GB of answers the consumer had long dropped)."""
+    import weakref
+
+    more = asyncio.Event()
+
+    async def items() -> Any:
+        for _ in range(8):
+            yield lat()
+        await more.wait()  # every runner is idle now, waiting for input
+        yield lat()
+
+    refs = []
+    async with Client(server.url, limits=Limits(max_concurrency=4)) as c:
+        it = c.decode_many(items(), **PT)
+        for _ in range(8):
+            r = await within(30, it.__anext__())
+            refs.append(weakref.ref(r))
+            del r
+        await asyncio.sleep(0.05)  # let every runner reach its wait
+        alive = [i for i, w in enumerate(refs) if w() is not None]
+        more.set()
+        assert (await within(30, it.__anext__())).shape == (1, 64, 64, 3)
+        await it.aclose()
+    assert alive == [], f"results {alive} are still held after the consumer dropped them"
+
+
+async def test_parked_results_and_answers_in_flight_share_max_inflight_bytes(server):
+    """A stalled consumer: the finished results it has not taken and the answers
+    still arriving stay within one ``max_inflight_bytes`` together (not one each)."""
+    answer = 64 * 64 * 3
+    async with Client(server.url, limits=Limits(max_inflight_bytes=4 * answer)) as c:
+        it = c.decode_many((lat() for _ in range(100)), **PT)
+        await within(30, it.__anext__())
+        await asyncio.sleep(0.5)  # the consumer stalls; the engine may only fill the budget
+        sent = c.stats.requests
+        await it.aclose()
+    assert sent <= 1 + 4 + 1, sent
+
+
+async def test_read_ahead_is_bounded_by_bytes_as_well_as_items(server):
+    """Inputs are copied when read, so reading ``max_queued`` (256) big items ahead
+    would hold 256 copies: read-ahead also stops at ``max_inflight_bytes / 16``."""
+    pulled = 0
+
+    def items() -> Any:
+        nonlocal pulled
+        for _ in range(300):
+            pulled += 1
+            yield lat(shape=(1, 4, 32, 32))  # an 8 KiB body each
+
+    limit = 64 * 8192  # read-ahead: 32 KiB, 4 bodies
+    async with Client(server.url, limits=Limits(max_inflight_bytes=limit, max_concurrency=1)) as c:
+        it = c.decode_many(items(), **PT)
+        await within(30, it.__anext__())
+        await asyncio.sleep(0.3)  # the consumer stalls
+        await it.aclose()
+    # taken: 1 handed + 3 (answers of 192 KiB in flight or parked, within 512 KiB);
+    # read ahead: 4 bodies; the producer may hold one more
+    assert pulled <= 1 + 3 + 4 + 1, pulled
+
+
 # --------------------------------------------------------------------------- corruption
 
 
