@@ -16,10 +16,10 @@ finish, ``ordered=False``).
   not copied 256 at a time).
 - **Memory** stays bounded whatever the consumer does: a runner takes a new item only
   while fewer than ``max_reorder`` items are taken and not yet handed over, and while
-  the parked results and the client's answers in flight together hold less than
-  ``max_inflight_bytes`` (parked results hold no part of the byte budget, so a
-  consumer that makes calls of its own while it iterates is never starved; they only
-  stop new items being started). The item the consumer waits for was taken before
+  this iterator's parked results, its answers on the way (each request's size hint)
+  and one more answer fit in ``max_inflight_bytes``. Parked results hold no part of
+  the client's byte budget, so a consumer that makes calls of its own while it
+  iterates is never starved: they only stop new items being started. The item the consumer waits for was taken before
   any later one, and every closed gate opens when the consumer takes a result, so
   these gates never deadlock.
 - **Failures** stay with their item: an input that can't be prepared or a request that
@@ -286,9 +286,8 @@ class _State:
     the iterator lets it be collected and cancel the runners)."""
 
     def __init__(self, source: _Source, run: Run, ordered: bool, window: int, byte_window: int,
-                 runners: int, in_flight_bytes: Callable[[], int] | None = None) -> None:
+                 runners: int) -> None:
         self.source = source
-        self.in_flight_bytes = in_flight_bytes or (lambda: 0)
         self.run = run
         self.ordered = ordered
         self.window = window
@@ -300,6 +299,8 @@ class _State:
         self.taken = 0  # items taken from the source
         self.handed = 0  # items handed to the consumer
         self.parked_bytes = 0
+        self.running_bytes = 0  # expected answer bytes of the items taken, not yet parked
+        self.item_bytes = 0  # the largest answer expected or seen so far (the next one's likely size)
         self.end_at: int | None = None  # index after the last item, once known
         self.failure: BaseException | None = None
         self.source_error: BaseException | None = None  # the input iterable raised this
@@ -325,7 +326,8 @@ class _State:
 
     def _has_room(self) -> bool:
         return self.taken - self.handed < self.window and (
-            self.taken == self.handed or self.parked_bytes + self.in_flight_bytes() < self.byte_window
+            self.taken == self.handed
+            or self.parked_bytes + self.running_bytes + self.item_bytes <= self.byte_window
         )
 
     async def _runner(self) -> None:
@@ -351,6 +353,12 @@ class _State:
                 self.source_error = prepared.error
                 self._wake_consumer()
                 return
+            # a request says how big its answer will be; a callable (prepared in a thread)
+            # is taken to be like the largest so far
+            expect = getattr(prepared, "size_hint", 0) or self.item_bytes
+            if expect > self.item_bytes:
+                self.item_bytes = expect
+            self.running_bytes += expect
             try:
                 if isinstance(prepared, BaseException):
                     raise prepared
@@ -361,6 +369,8 @@ class _State:
                 raise
             except Exception as e:  # a user callback (processor, ...) raised for this item
                 value, nbytes = ItemError(i, e), 0
+            finally:
+                self.running_bytes -= expect
             self._park(i, value, nbytes)
             # drop this frame's references before waiting again: an idle runner must
             # not keep its last result (or request) alive after the consumer took it
@@ -369,6 +379,8 @@ class _State:
     def _park(self, i: int, value: Any, nbytes: int) -> None:
         self.ready[i] = (value, nbytes)
         self.parked_bytes += nbytes
+        if nbytes > self.item_bytes:
+            self.item_bytes = nbytes
         if not self.ordered:
             self.done_order.append(i)
             self._wake_consumer()
@@ -440,7 +452,6 @@ class ManyIterator:
         runners: int,
         ahead: int,
         start: Callable[[], object] | None = None,
-        in_flight_bytes: Callable[[], int] | None = None,
     ) -> None:
         self._items = items
         self._start = start
@@ -449,7 +460,6 @@ class ManyIterator:
         self._ordered = ordered
         self._raise = on_error == "raise"
         self._limits = (window, byte_window, runners, ahead)
-        self._in_flight_bytes = in_flight_bytes
         self._state: _State | None = None
 
     def __aiter__(self) -> ManyIterator:
@@ -463,7 +473,7 @@ class ManyIterator:
         self._items = None
         if isinstance(source, _SequenceSource):
             runners = max(1, min(runners, len(source._items)))
-        st = _State(source, self._run, self._ordered, window, byte_window, runners, self._in_flight_bytes)
+        st = _State(source, self._run, self._ordered, window, byte_window, runners)
         st.start()
         self._state = st
         return st

@@ -675,15 +675,9 @@ class Client:
             runners=lim.max_concurrency,
             ahead=lim.max_queued,
             start=self._start,
-            in_flight_bytes=self._budget_used,
         )
         self._iterators.add(it)
         return it
-
-
-    def _budget_used(self) -> int:
-        """Bytes of answers in flight now (the byte budget's use), for ``*_many``'s gate."""
-        return self._budget.used
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

@@ -57,9 +57,9 @@ class Limits(_Value):
             (default 256), so a slow input never leaves a slot idle.
         max_inflight_bytes: answer bytes being received and converted, reserved before
             each request is sent from the size the request implies (default 1 GiB);
-            a ``*_many`` starts no new item while its results the consumer has not
-            taken plus the answers in flight hold this much, and reads ahead at most
-            1/16 of it in request bodies.
+            a ``*_many`` starts no new item unless the results its consumer has not
+            taken, its answers on the way and one more answer fit in it, and reads
+            ahead at most 1/16 of it in request bodies.
             One answer larger than the whole budget is let through alone.
         max_response_bytes: the largest response accepted (default 4 GiB); a server
             declaring more gets a :class:`~asyncvae.ProtocolError` before any allocation.
