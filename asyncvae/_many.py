@@ -17,7 +17,9 @@ finish, ``ordered=False``).
 - **Memory** stays bounded whatever the consumer does: a runner takes a new item only
   while fewer than ``max_reorder`` items are taken and not yet handed over, and while
   this iterator's parked results, its answers on the way (each request's size hint)
-  and one more answer fit in ``max_inflight_bytes``. Parked results hold no part of
+  and one more answer fit in ``max_inflight_bytes``. Where a request can't tell its
+  answer's size (mp4, an input prepared in a thread) the latest answer's size stands
+  in; before the first answer only the item limits apply. Parked results hold no part of
   the client's byte budget, so a consumer that makes calls of its own while it
   iterates is never starved: they only stop new items being started. The item the consumer waits for was taken before
   any later one, and every closed gate opens when the consumer takes a result, so
@@ -300,7 +302,7 @@ class _State:
         self.handed = 0  # items handed to the consumer
         self.parked_bytes = 0
         self.running_bytes = 0  # expected answer bytes of the items taken, not yet parked
-        self.item_bytes = 0  # the largest answer expected or seen so far (the next one's likely size)
+        self.item_bytes = 0  # the latest item's answer size, expected or seen (the next one's likely size)
         self.end_at: int | None = None  # index after the last item, once known
         self.failure: BaseException | None = None
         self.source_error: BaseException | None = None  # the input iterable raised this
@@ -353,11 +355,11 @@ class _State:
                 self.source_error = prepared.error
                 self._wake_consumer()
                 return
-            # a request says how big its answer will be; a callable (prepared in a thread)
-            # is taken to be like the largest so far
+            # a request says how big its answer will be; where it can't (mp4, an input
+            # prepared in a thread) the latest answer's size stands in. The latest, not
+            # the largest: one huge item must not leave the rest running one at a time.
             expect = getattr(prepared, "size_hint", 0) or self.item_bytes
-            if expect > self.item_bytes:
-                self.item_bytes = expect
+            self.item_bytes = expect
             self.running_bytes += expect
             try:
                 if isinstance(prepared, BaseException):
@@ -379,7 +381,7 @@ class _State:
     def _park(self, i: int, value: Any, nbytes: int) -> None:
         self.ready[i] = (value, nbytes)
         self.parked_bytes += nbytes
-        if nbytes > self.item_bytes:
+        if nbytes:
             self.item_bytes = nbytes
         if not self.ordered:
             self.done_order.append(i)

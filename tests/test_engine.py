@@ -257,16 +257,36 @@ async def test_parked_results_and_answers_in_flight_share_max_inflight_bytes(ser
     assert sent <= 1 + 4 + 1, sent
 
 
-async def test_read_ahead_is_bounded_by_bytes_as_well_as_items(server):
+async def test_one_answer_over_the_byte_window_does_not_serialise_the_rest(make_server):
+    """An answer larger than ``max_inflight_bytes`` runs alone; the small items after
+    it run side by side again (a running maximum of answer sizes once kept them to one
+    at a time for the rest of the stream)."""
+    srv = make_server(delay_ms=20, replicas=8)
+    big, small = lat(shape=(1, 4, 32, 32)), lat()  # answers of 192 KiB and 12 KiB
+    limits = Limits(max_inflight_bytes=100_000)
+    async with Client(srv.url, limits=limits) as c:
+        got = await within(60, collect(c.decode_many([big] + [small] * 24, **PT)))
+        assert [g.shape[1] for g in got] == [256] + [64] * 24
+        assert c.stats.peak_in_flight >= 4, c.stats.peak_in_flight
+
+
+@pytest.mark.parametrize("source", ["generator", "async generator"])
+async def test_read_ahead_is_bounded_by_bytes_as_well_as_items(server, source):
     """Inputs are copied when read, so reading ``max_queued`` (256) big items ahead
     would hold 256 copies: read-ahead also stops at ``max_inflight_bytes / 16``."""
     pulled = 0
 
-    def items() -> Any:
+    def sync_items() -> Any:
         nonlocal pulled
         for _ in range(300):
             pulled += 1
             yield lat(shape=(1, 4, 32, 32))  # an 8 KiB body each
+
+    async def async_items() -> Any:
+        for x in sync_items():
+            yield x
+
+    items = sync_items if source == "generator" else async_items
 
     limit = 64 * 8192  # read-ahead: 32 KiB, 4 bodies
     async with Client(server.url, limits=Limits(max_inflight_bytes=limit, max_concurrency=1)) as c:
