@@ -192,6 +192,20 @@ def test_shard_index_splits_cover_every_input_once(dataset: Path, reference: Pat
             assert (out / p.name).read_bytes() == p.read_bytes(), p.name
 
 
+def _processes_naming(path: Path) -> list[int]:
+    """Live processes whose command line names ``path`` (Linux /proc; [] elsewhere)."""
+    found = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(path).encode() in cmd and state != "Z":
+            found.append(int(d.name))
+    return found
+
+
 def test_killed_job_resumes_byte_identical(dataset: Path, reference: Path, make_server, tmp_path: Path):
     srv = make_server(replicas=2, delay_ms=10)
     out = tmp_path / "killed"
@@ -212,6 +226,11 @@ def test_killed_job_resumes_byte_identical(dataset: Path, reference: Path, make_
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+    # its preprocessing workers leave with it (they would wait on the pool forever)
+    deadline = time.monotonic() + 10
+    while _processes_naming(out) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _processes_naming(out), "worker processes outlived the killed job"
     complete = sorted(out.glob("shard-*_stats.json"))
     assert 1 <= len(complete) < -(-N_IMAGES // 64), "the job was not killed mid-run"
     for st in complete:  # whatever looks complete is complete

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,8 @@ __all__ = ["PROCESS_MIN_ITEMS", "ImageSpec", "Prepared", "available_cpus", "prep
 
 #: Below this many items to prepare, a job uses threads instead of processes.
 PROCESS_MIN_ITEMS = 256
+#: How often a worker process checks that its job is still alive (seconds).
+PARENT_POLL_S = 0.5
 
 
 def available_cpus() -> int:
@@ -77,6 +80,18 @@ def prepare_item(item: Item, spec: ImageSpec) -> Prepared:
 def _init_worker() -> None:  # pragma: no cover - runs in the workers
     # one thread per worker process: the pool is the parallelism
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # A worker whose job was killed (SIGKILL, the OOM killer) would wait on the pool's
+    # queue forever (its siblings hold the queue's other end): leave once the parent
+    # (the job, or the forkserver that dies with it) is gone.
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="asyncvae-parent-watch",
+                     daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:  # pragma: no cover - runs in the workers
+    while True:
+        time.sleep(PARENT_POLL_S)
+        if os.getppid() != parent:
+            os._exit(0)
 
 
 def _main_is_importable() -> bool:
@@ -108,14 +123,6 @@ def start_processes(workers: int | None) -> concurrent.futures.ProcessPoolExecut
     pool = concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker)
     pool.submit(os.getpid)  # launch the workers now (fork: before any thread starts)
     return pool
-
-
-def _main_is_importable() -> bool:
-    """Whether worker processes can re-import ``__main__`` (they do, unless it has no file:
-    a REPL or Jupyter); a script read from stdin cannot be."""
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    return path is None or os.path.isfile(path)
 
 
 def thread_pool(workers: int | None) -> concurrent.futures.ThreadPoolExecutor:
