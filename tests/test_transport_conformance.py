@@ -1196,3 +1196,23 @@ def test_native_is_bound_to_its_first_loop(raw: Any) -> None:
     assert asyncio.run(fetch(t, post(srv.url)))[1] == b"ok"
     with pytest.raises(RuntimeError, match="bound to the event loop"):
         asyncio.run(t.send(post(srv.url)))
+
+
+@pytest.mark.parametrize("cls", [NativeTransport, AiohttpTransport], ids=["native", "aiohttp"])
+@pytest.mark.parametrize(
+    ("kw", "says"),
+    [({"limit": 0}, "limit must be >= 1"), ({"limit_per_host": -1}, "limit_per_host must be >= 0"),
+     ({"ssl": "yes"}, "ssl must be True, False or an ssl.SSLContext")],
+)
+def test_bad_pool_arguments_are_refused_by_every_transport(cls: type, kw: dict[str, Any], says: str) -> None:
+    with pytest.raises(InputError, match=says):
+        cls(**kw)
+
+
+@pytest.mark.parametrize("cls", [NativeTransport, AiohttpTransport], ids=["native", "aiohttp"])
+def test_ssl_true_verifies_certificates_and_hostnames(cls: type) -> None:
+    from asyncvae.transport._base import default_tls_context
+
+    cls()  # nothing is loaded before the first https connection
+    ctx = default_tls_context()
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname

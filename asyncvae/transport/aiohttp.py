@@ -19,7 +19,7 @@ from yarl import URL
 
 from ..errors import InputError, ProtocolError, TransportError
 from . import _http11 as h11
-from ._base import Request, Response, Timeouts, Transport
+from ._base import Request, Response, Timeouts, Transport, check_pool_args, default_tls_context
 
 __all__ = ["AiohttpResponse", "AiohttpTransport", "map_error"]
 
@@ -197,12 +197,7 @@ class AiohttpTransport(Transport):
         timeouts: Timeouts = Timeouts(),
         ssl: bool | ssl_mod.SSLContext = True,
     ) -> None:
-        if limit < 1:
-            raise InputError(f"limit must be >= 1, got {limit}")
-        if limit_per_host < 0:
-            raise InputError(f"limit_per_host must be >= 0, got {limit_per_host}")
-        if not isinstance(ssl, (bool, ssl_mod.SSLContext)):
-            raise InputError(f"ssl must be True, False or an ssl.SSLContext, got {ssl!r}")
+        check_pool_args(limit, limit_per_host, ssl)
         self._limit = limit
         self._limit_per_host = limit_per_host
         self._keepalive = keepalive_timeout
@@ -215,7 +210,7 @@ class AiohttpTransport(Transport):
     def _make_session(self) -> aiohttp.ClientSession:
         ssl_arg: bool | ssl_mod.SSLContext = self._ssl
         if ssl_arg is True:
-            ssl_arg = ssl_mod.create_default_context()
+            ssl_arg = default_tls_context()
         kw: dict[str, Any] = {}
         if self._keepalive > 0:
             kw["keepalive_timeout"] = self._keepalive

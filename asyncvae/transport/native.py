@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import ssl as ssl_mod
 import time
 from collections import deque
@@ -35,7 +34,7 @@ from yarl import URL
 
 from ..errors import InputError, ProtocolError, TransportError
 from . import _http11 as h11
-from ._base import Request, Response, Timeouts, Transport
+from ._base import Request, Response, Timeouts, Transport, check_pool_args, default_tls_context
 
 __all__ = ["NativeResponse", "NativeTransport"]
 
@@ -66,12 +65,6 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 Key = tuple[str, str, int]
 
 _monotonic = time.monotonic  # idle bookkeeping (timers use the loop's clock)
-
-
-@functools.lru_cache(maxsize=1)
-def _default_tls() -> ssl_mod.SSLContext:
-    """The process's verified default TLS context (made once)."""
-    return ssl_mod.create_default_context()
 
 
 def _default_port(scheme: str) -> int:
@@ -793,12 +786,7 @@ class NativeTransport(Transport):
         timeouts: Timeouts = Timeouts(),
         ssl: bool | ssl_mod.SSLContext = True,
     ) -> None:
-        if limit < 1:
-            raise InputError(f"limit must be >= 1, got {limit}")
-        if limit_per_host < 0:
-            raise InputError(f"limit_per_host must be >= 0, got {limit_per_host}")
-        if not isinstance(ssl, (bool, ssl_mod.SSLContext)):
-            raise InputError(f"ssl must be True, False or an ssl.SSLContext, got {ssl!r}")
+        check_pool_args(limit, limit_per_host, ssl)
         self._limit = limit
         self._limit_per_host = limit_per_host or limit
         self._keepalive = keepalive_timeout
@@ -934,7 +922,7 @@ class NativeTransport(Transport):
         verified one shared by the whole process."""
         if self._ssl_ctx is None:
             if self._ssl_arg is True:
-                self._ssl_ctx = _default_tls()
+                self._ssl_ctx = default_tls_context()
             elif self._ssl_arg is False:
                 ctx = ssl_mod.create_default_context()
                 ctx.check_hostname = False
