@@ -602,21 +602,9 @@ class NativeResponse(Response):
             want = len(view)
             if want > self._remaining:
                 want = self._remaining
-            got = conn.w - conn.r
-            if got:
-                if got > want:
-                    got = want
-                r = conn.r
-                view[:got] = conn.mv[r : r + got]
-                conn.r = r + got
-                conn.consumed()
-                self._transport._copied += got
+            got = await self._copy_then_fill(conn, view, want)
             if got < want:
-                n = await conn.fill(view[got:want])
-                self._transport._direct += n
-                got += n
-                if got < want:
-                    raise conn._lost_error(False)
+                raise conn._lost_error(False)
             self._remaining -= got
             if not self._remaining:
                 self._finish()
@@ -625,11 +613,13 @@ class NativeResponse(Response):
             self._fail()
             raise
 
-    async def _read_eof_into(self, conn: _Conn, view: memoryview) -> int:
-        conn.release_lent()
-        want = len(view)
-        got = min(conn.w - conn.r, want)
+    async def _copy_then_fill(self, conn: _Conn, view: memoryview, want: int) -> int:
+        """Up to ``want`` bytes into ``view``: what is buffered already is copied, the
+        rest is received straight into ``view``; fewer only when the stream ends."""
+        got = conn.w - conn.r
         if got:
+            if got > want:
+                got = want
             r = conn.r
             view[:got] = conn.mv[r : r + got]
             conn.r = r + got
@@ -639,11 +629,17 @@ class NativeResponse(Response):
             n = await conn.fill(view[got:want])
             self._transport._direct += n
             got += n
-            if got < want:  # the stream ended: that is the end of this body
-                if conn.exc is not None and not isinstance(conn.exc, ssl_mod.SSLError):
-                    raise conn._lost_error(False)
-                self._keep = False
-                self._finish()
+        return got
+
+    async def _read_eof_into(self, conn: _Conn, view: memoryview) -> int:
+        conn.release_lent()
+        want = len(view)
+        got = await self._copy_then_fill(conn, view, want)
+        if got < want:  # the stream ended: that is the end of this body
+            if conn.exc is not None and not isinstance(conn.exc, ssl_mod.SSLError):
+                raise conn._lost_error(False)
+            self._keep = False
+            self._finish()
         return got
 
     async def _read_chunks_into(self, conn: _Conn, view: memoryview) -> int:
