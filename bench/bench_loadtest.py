@@ -33,7 +33,6 @@ import os
 import resource
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -43,44 +42,12 @@ sys.path.insert(0, str(ROOT))
 
 from asyncvae.loadtest import Answer, FindMaxSpec, LoadSpec, MonotonicClock, run, run_async  # noqa: E402
 
-LISTENING = "asyncvae serve: listening on "
+sys.path.insert(0, str(ROOT / "bench"))
+from _serve import Server  # noqa: E402
+
 SECTIONS = ("findmax", "memory", "cpu", "http")
 #: (service ms, replicas, SLO p99 ms) of the find-max checks
 FINDMAX_CASES = ((25.0, 4, 250.0), (400.0, 40, 1000.0), (1500.0, 100, 3000.0))
-
-
-class Server:
-    """``python -m asyncvae serve`` in its own process."""
-
-    def __init__(self, *args: str):
-        cmd = [sys.executable, "-m", "asyncvae", "serve", "--port", "0", "--cache", *args]
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        found: list[str] = []
-        ready = threading.Event()
-
-        def reader() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                if not found and line.startswith(LISTENING):
-                    found.append(line[len(LISTENING):].strip())
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=reader, daemon=True).start()
-        ready.wait(180)
-        if not found:
-            self.proc.kill()
-            raise SystemExit(f"server did not start: {' '.join(cmd)}")
-        self.url = found[0]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def check(name: str, ok: bool, detail: str, results: list[dict[str, Any]], figures: dict[str, Any]) -> None:
@@ -95,7 +62,7 @@ def bench_findmax(args: argparse.Namespace, results: list[dict[str, Any]]) -> No
     wanted = {float(x) for x in args.findmax_cases.split(",")}
     for delay, replicas, slo in (c for c in FINDMAX_CASES if c[0] in wanted):
         nominal = replicas * 1000.0 / delay
-        srv = Server("--delay-ms", str(delay), "--replicas", str(replicas))
+        srv = Server(["--cache", "--delay-ms", str(delay), "--replicas", str(replicas)])
         try:
             # what this server really does on this machine: its sustained rate at 1.5× nominal
             probe = run(LoadSpec(srv.url, rate=1.5 * nominal, duration=max(5.0, 4 * delay / 1000), warmup=1.0,
@@ -143,7 +110,7 @@ def _generator_rss(url: str, seconds: float, rate: float) -> tuple[float, dict[s
 def bench_memory(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     short, long = (20.0, 120.0) if args.quick else (60.0, 600.0)
     rate = 200.0
-    srv = Server("--delay-ms", "5", "--replicas", "8")
+    srv = Server(["--cache", "--delay-ms", "5", "--replicas", "8"])
     try:
         rss_a, da = _generator_rss(srv.url, short, rate)
         rss_b, db = _generator_rss(srv.url, long, rate)
@@ -239,7 +206,7 @@ def bench_cpu(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
 def bench_http(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     rate = args.http_rate
     seconds = 5.0 if args.quick else 10.0
-    srv = Server("--replicas", "32")
+    srv = Server(["--cache", "--replicas", "32"])
     try:
         run(LoadSpec(srv.url, rate=200, duration=1.0, resolution=64))  # connections, caches
         c0 = _cpu()

@@ -23,7 +23,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import urllib.parse
 import urllib.request
@@ -38,37 +37,10 @@ import torch  # noqa: E402
 
 from asyncvae import protocol as P  # noqa: E402
 
-LISTENING = "asyncvae serve: listening on "
+sys.path.insert(0, HERE)
+from _serve import Server  # noqa: E402
+
 SERVICE = ["--delay-ms", "10.6", "--delay-per-item-ms", "13.9", "--replicas", "8"]
-
-
-class Server:
-    """``python -m asyncvae serve`` in its own process on an ephemeral port."""
-
-    def __init__(self, args: list[str]) -> None:
-        env = {**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "asyncvae", "serve", "--port", "0", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
-        )
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith(LISTENING):
-                self.url = line[len(LISTENING):].strip()
-                return
-        raise RuntimeError(f"server did not start: {args}")
-
-    def stats(self) -> dict[str, Any]:
-        with urllib.request.urlopen(self.url + "stats", timeout=10) as r:
-            return dict(json.load(r))
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 class RawHTTP:

@@ -35,8 +35,6 @@ import gc
 import itertools
 import json
 import os
-import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -47,6 +45,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+from _serve import Server  # noqa: E402
 
 CONTENDERS = ("floor", "aiohttp", "native")
 LOOPS = ("asyncio", "uvloop")
@@ -181,43 +180,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- orchestrator
-
-
-class Server:
-    """``python -m asyncvae serve`` in a subprocess on an ephemeral port."""
-
-    def __init__(self, args: tuple[str, ...]) -> None:
-        cmd = [sys.executable, "-m", "asyncvae", "serve", "--port", "0", *args]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-        self.url = ""
-        assert self.proc.stdout is not None
-        end = time.time() + 60
-        while time.time() < end:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            m = re.search(r"listening on (http://\S+)", line)
-            if m:
-                self.url = m.group(1)
-                break
-        if not self.url:
-            self.stop()
-            raise RuntimeError("server did not start")
-        # keep draining its output so that it never blocks on a full pipe
-        import threading
-
-        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()  # type: ignore[union-attr]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def run_one(url: str, contender: str, loop: str, scenario: str, requests: int, seconds: float) -> dict[str, Any]:

@@ -16,13 +16,11 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+from _serve import Server  # noqa: E402
 from contenders import CONTENDERS  # noqa: E402
 from scenarios import S7_SIDES, SCENARIOS  # noqa: E402
 
@@ -54,52 +53,14 @@ class Cell:
     tag: str = ""  # "", "loop-study", "single-peak", "bufsize"
 
 
-# --------------------------------------------------------------------------- server
-
-
-class Server:
-    """The scenario's endpoint in its own process: ``asyncvae serve`` (default) or, with
-    ``fast=True``, ``bench/fastserver.py`` (independent of asyncvae; cached answers)."""
-
-    def __init__(self, args: list[str], fast: bool = False):
-        self.args = ["--port", "0", *args]
-        cmd = [sys.executable, "-m", "asyncvae", "serve", *self.args]
-        if fast:
-            cmd = [sys.executable, os.path.join(HERE, "fastserver.py")]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.url = ""
-        deadline = time.time() + 60
-        assert self.proc.stdout is not None
-        while time.time() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            m = re.search(r"listening on (http://\S+)", line)
-            if m:
-                self.url = m.group(1)
-                break
-        if not self.url:
-            self.stop()
-            raise RuntimeError(f"server did not start: {' '.join(cmd)}")
-
-    def stats(self) -> dict[str, Any] | None:
-        try:
-            with urllib.request.urlopen(self.url.rstrip("/") + "/stats", timeout=5) as r:
-                return json.loads(r.read())
-        except Exception:
-            return None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 # --------------------------------------------------------------------------- cells
+
+
+def _stats_or_none(srv: Server) -> dict[str, Any] | None:
+    try:
+        return srv.stats()
+    except Exception:
+        return None
 
 
 def run_cell(cell: Cell, url: str, requests: int, seconds: float, verbose: bool) -> dict[str, Any]:
@@ -451,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     fast = args.server == "fast"
     for s, cl in cells.items():
         sc = SCENARIOS[s]
-        srv = Server(list(sc.server_args), fast=fast)
+        srv = Server(command=[sys.executable, os.path.join(HERE, "fastserver.py")]) if fast \
+            else Server(list(sc.server_args))
         where = "bench/fastserver.py" if fast else " ".join(sc.server_args)
         print(f"[{s}] {sc.title} — server {srv.url} ({where})", flush=True)
         try:
@@ -462,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                     res = run_cell(c, srv.url, req, secs, not args.quiet)
                     res["repeat"] = rep
                     results.append(res)
-            server_stats[s] = srv.stats()
+            server_stats[s] = _stats_or_none(srv)
         finally:
             srv.stop()
     meta["elapsed_s"] = round(time.time() - t_start, 1)
