@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -46,21 +45,12 @@ from asyncvae.jobs import list_inputs, load_image, parse_resolution, to_wire_ten
 from asyncvae.jobs.demo import make_image  # noqa: E402
 from asyncvae.jobs.endpoint import make_client  # noqa: E402
 
-LISTENING = "asyncvae serve: listening on "
+sys.path.insert(0, str(ROOT / "bench"))
+from _serve import Server  # noqa: E402
 
 
-def start_server(replicas: int, delay_ms: float) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, "-m", "asyncvae", "serve", "--port", "0", "--replicas", str(replicas),
-           "--delay-ms", str(delay_ms)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith(LISTENING):
-            url = line[len(LISTENING):].strip()
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
-            return proc, url
-    raise RuntimeError("server did not start")
+def start_server(replicas: int, delay_ms: float) -> Server:
+    return Server(["--replicas", str(replicas), "--delay-ms", str(delay_ms)])
 
 
 def make_images(folder: Path, start: int, n: int, size: tuple[int, int]) -> None:
@@ -157,7 +147,8 @@ def main() -> int:
                     "cpus": len(os.sched_getaffinity(0))}
     try:
         if "A" in args.scenarios or "B" in args.scenarios:
-            proc, url = start_server(args.replicas, 25.0)
+            srv = start_server(args.replicas, 25.0)
+            url = srv.url
             try:
                 raws, jobs, ext = [], [], []
                 for r in range(args.rounds):
@@ -181,10 +172,10 @@ def main() -> int:
                     result["B_extended_new_images_per_s"] = round(med(ext), 1)
                     result["B_ratio"] = round(med(ext) / med(raws), 3)
             finally:
-                proc.terminate()
-                proc.wait(10)
+                srv.stop()
         if "C" in args.scenarios:
-            proc, url = start_server(args.replicas, 0.0)
+            srv = start_server(args.replicas, 0.0)
+            url = srv.url
             try:
                 raws, jobs, base = [], [], []
                 for _ in range(args.rounds):
@@ -199,10 +190,10 @@ def main() -> int:
                     result["C_baseline_images_per_s"] = round(med(base), 1)
                     result["C_ratio_over_baseline"] = round(med(jobs) / med(base), 3)
             finally:
-                proc.terminate()
-                proc.wait(10)
+                srv.stop()
         if "D" in args.scenarios:
-            proc, url = start_server(args.replicas, 0.0)
+            srv = start_server(args.replicas, 0.0)
+            url = srv.url
             try:
                 small = tmp / "rss"
                 sizes = (1000, 5000) if not args.quick else (500, 2000)
@@ -218,8 +209,7 @@ def main() -> int:
                 result["D_peak_rss_mb"] = {str(n): round(v / 2**20, 1) for n, v in peaks.items()}
                 result["D_ratio"] = round(peaks[sizes[1]] / peaks[sizes[0]], 3)
             finally:
-                proc.terminate()
-                proc.wait(10)
+                srv.stop()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
