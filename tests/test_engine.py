@@ -473,6 +473,32 @@ async def test_an_error_body_in_two_segments_is_read_whole(raw_server):
     assert ei.value.args[0]["detail"] == "the end"  # diffusers' args[0] contract: the whole JSON
 
 
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_an_mp4_answer_costs_its_size_once(raw_server, framing):
+    """The bytes handed back are the buffer the body was received into, not a copy of
+    it (a bytearray turned into bytes at the end held every body twice)."""
+    body = bytes(range(256)) * (16 << 12)  # 16 MiB
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: video/mp4\r\nConnection: close\r\n"
+    if framing == "length":
+        raw = head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    else:
+        step = 1 << 20
+        raw = head + b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(
+            b"%x\r\n%s\r\n" % (step, body[i : i + step]) for i in range(0, len(body), step)) + b"0\r\n\r\n"
+    raw_server.set(raw)
+    video = lat(shape=(1, 4, 2, 8, 8))
+    async with Client(raw_server.url, retry=Retry.none()) as c:
+        await c.decode(video, output_type="mp4", return_type="mp4")  # warm: imports, pools
+        tracemalloc.start()
+        try:
+            got = await within(60, c.decode(video, output_type="mp4", return_type="mp4"))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert got == body, "the body came back changed"
+    assert peak < 1.25 * len(body) + (2 << 20), peak / len(body)
+
+
 async def test_retry_after_zero_does_not_hammer(make_server):
     srv = make_server(faults=Faults(fault_429=1.0, retry_after=0))
     retry = Retry(attempts=10_000, backoff_base=0.5, backoff_max=10)
