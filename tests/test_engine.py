@@ -473,6 +473,17 @@ async def test_an_error_body_in_two_segments_is_read_whole(raw_server):
     assert ei.value.args[0]["detail"] == "the end"  # diffusers' args[0] contract: the whole JSON
 
 
+async def test_plain_http_never_loads_the_tls_context(server):
+    """Loading the CA store costs ~100 ms (once ate a short Timeout.total before any
+    request went out): it waits for the first https connection."""
+    from asyncvae.transport._base import default_tls_context
+
+    default_tls_context.cache_clear()
+    async with Client(server.url) as c:
+        assert (await within(30, c.decode(lat(), **PT))).shape == (1, 64, 64, 3)
+    assert default_tls_context.cache_info().currsize == 0
+
+
 @pytest.mark.parametrize("framing", ["length", "chunked"])
 async def test_an_mp4_answer_costs_its_size_once(raw_server, framing):
     """The bytes handed back are the buffer the body was received into, not a copy of
